@@ -1,0 +1,24 @@
+"""pdserve's inference engine: paged KV cache, prefix cache, continuous batching.
+
+The offline API is ``from engine import LLM, SamplingParams``; servers drive
+:class:`engine.llm_engine.LLMEngine` step by step.
+"""
+
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: importing the package for SamplingParams must not pull in torch/transformers.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from engine.llm_engine import LLMEngine
+
+        return LLMEngine
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "EngineConfig", "LLMEngine", "SamplingParams"]

@@ -1,0 +1,142 @@
+"""Attention over the paged KV cache.
+
+The model runner flattens a step's tokens into one batch, **decode rows first** (one query
+token each), then one span per prefill chunk. :class:`AttentionMetadata` says where every
+new token's K/V is written (``slot_mapping``) and what each query attends to. Every layer
+of the step shares the same metadata.
+
+Backends: a torch reference (CPU, and any device) built on ``scaled_dot_product_attention``;
+on CUDA, decode rows use the Triton paged-attention kernel instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    query_start: int  # first row of this chunk in the flattened batch
+    query_len: int  # tokens computed in this chunk
+    context_len: int  # tokens in the cache once this chunk is written (prefix + chunk)
+    slots: torch.Tensor | None  # (context_len,) cache slot per position; None if no prefix
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    num_rows: int  # rows [0, num_rows) of the batch are single-token decodes
+    slots: torch.Tensor  # (rows, max_context) cache slot per position, 0-padded
+    mask: torch.Tensor  # (rows, 1, 1, max_context) True where the position is real
+    block_tables: torch.Tensor  # (rows, max_blocks) int32, for the Triton kernel
+    context_lens: torch.Tensor  # (rows,) int32
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) where each new token's K/V goes
+    decode: DecodeBatch | None
+    prefills: list[PrefillSpan]
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store new K/V rows ``(T, kv_heads, head_dim)`` at their slots."""
+    heads, dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. Shapes: q ``(T, H, D)``,
+    k/v ``(T, KVH, D)``, caches ``(num_blocks, block_size, KVH, D)``; returns ``(T, H, D)``."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.decode is not None and not meta.prefills:
+        return _decode(q, k_cache, v_cache, meta.decode, scale)
+    out = torch.empty_like(q)
+    if meta.decode is not None:
+        rows = meta.decode.num_rows
+        out[:rows] = _decode(q[:rows], k_cache, v_cache, meta.decode, scale)
+    for span in meta.prefills:
+        end = span.query_start + span.query_len
+        out[span.query_start : end] = _prefill(
+            q[span.query_start : end],
+            k[span.query_start : end],
+            v[span.query_start : end],
+            k_cache,
+            v_cache,
+            span,
+            scale,
+        )
+    return out
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
+    query = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+    if span.slots is None:  # no cached prefix: the fresh K/V are the whole context
+        key, value = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=True
+        )
+        return out[0].transpose(0, 1)
+    key = _gather_slots(k_cache, span.slots).transpose(0, 1).unsqueeze(0)
+    value = _gather_slots(v_cache, span.slots).transpose(0, 1).unsqueeze(0)
+    offset = span.context_len - span.query_len
+    query_pos = torch.arange(span.query_len, device=q.device) + offset
+    mask = torch.arange(span.context_len, device=q.device)[None, :] <= query_pos[:, None]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch, scale: float
+) -> torch.Tensor:
+    if q.is_cuda:
+        from engine import triton_ops
+
+        return triton_ops.paged_decode_attention(
+            q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale
+        )
+    rows, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    # Group query heads under their KV head so each KV head is read once (no repeat_kv).
+    query = q.view(rows, kv_heads, heads // kv_heads, dim)
+    key = _gather_slots(k_cache, batch.slots).permute(0, 2, 1, 3)
+    value = _gather_slots(v_cache, batch.slots).permute(0, 2, 1, 3)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.mask, scale=scale)
+    return out.reshape(rows, heads, dim)
+
+
+def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of a ``(num_blocks, block_size, heads, dim)`` cache at ``slots`` (any shape).
+
+    ``index_select`` rather than ``cache[slots]``: advanced indexing is ~200x slower here.
+    """
+    heads, dim = cache.shape[2], cache.shape[3]
+    rows = cache.view(-1, heads, dim).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, heads, dim)

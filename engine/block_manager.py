@@ -1,0 +1,263 @@
+"""Paged KV block allocator with a prefix cache. Device-free: it hands out block *ids*;
+``engine.kv_cache`` owns the tensor they index.
+
+Every block is in exactly one state:
+  free       refcount 0, holds nothing reusable; handed out first.
+  used       refcount > 0, referenced by sequences or raw reservations. A used block may
+             also be *cached* (a full block registered by ``commit_computed``).
+  evictable  refcount 0 but still cached; reused on a prefix hit, or reclaimed in LRU order
+             (oldest release first, emitting ``BlockEvicted``) when no free block is left.
+
+A sequence's life as seen from here:
+  allocate_prefix  (admission: borrow the cached blocks of its prefix)
+  → append_slots   (every step, before the model runs: room for the scheduled tokens)
+  → commit_computed (every step, after the model ran: cache newly full blocks, BlockStored)
+  → free           (finish, abort or preemption; tail blocks become evictable first).
+
+The raw API (``allocate_blocks`` / ``free_blocks``) serves the decode side of a KV
+transfer, which reserves blocks that another process fills; those blocks are never cached.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
+
+from common.hashing import ROOT_HASH, hash_block
+from common.kv_events import BlockEvicted, BlockStored, KVEvent
+from engine.sequence import Sequence
+
+
+class NoFreeBlocksError(RuntimeError):
+    """More blocks were requested than are free or evictable."""
+
+
+class DoubleFreeError(RuntimeError):
+    """A block was released more times than it was referenced."""
+
+
+def _require(condition: bool, message: str) -> None:
+    # Explicit raise rather than `assert`, so invariant checks survive `python -O`.
+    if not condition:
+        raise AssertionError(message)
+
+
+class BlockManager:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._refcount = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
+        self._hash_to_block: dict[int, int] = {}
+        self._block_to_hash: dict[int, int] = {}
+        # request_id -> (number of leading blocks already hashed, hash of the last of them),
+        # so commit_computed hashes each block once. Dropped by free().
+        self._committed: dict[str, tuple[int, int]] = {}
+        self._events: list[KVEvent] = []
+
+    # ---- accounting -------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now: never-used/uncached plus evictable."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_to_block)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._refcount[block_id]
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free_blocks
+
+    def take_events(self) -> list[KVEvent]:
+        """Drain the KV events emitted since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    # ---- sequence API -----------------------------------------------------------------
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` whose KV the prefix cache already holds (full blocks only)."""
+        return len(self._matched_blocks(seq)) * self.block_size
+
+    def allocate_prefix(self, seq: Sequence) -> None:
+        """Borrow the cached prefix blocks of a sequence that holds no blocks yet."""
+        if seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"{seq.request_id}: allocate_prefix needs a seq with no blocks")
+        matched = self._matched_blocks(seq)
+        for _, block in matched:
+            self._acquire_cached(block)
+        seq.block_table.extend(block for _, block in matched)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(matched) * self.block_size
+        if matched:
+            self._committed[seq.request_id] = (len(matched), matched[-1][0])
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks to add so positions [0, num_computed + num_new_tokens) have a slot."""
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow ``seq.block_table`` for ``num_new_tokens`` more tokens; all or nothing."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > self.num_free_blocks:
+            return False
+        seq.block_table.extend(self._take_fresh() for _ in range(needed))
+        return True
+
+    def commit_computed(self, seq: Sequence) -> None:
+        """Cache every block of ``seq`` that became full of computed KV since the last call."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        done, parent = self._committed.get(seq.request_id, (0, ROOT_HASH))
+        if num_full <= done:
+            return
+        tokens = seq.all_token_ids
+        size = self.block_size
+        for i in range(done, num_full):
+            block_hash = hash_block(parent, tokens[i * size : (i + 1) * size])
+            self._cache_block(seq.block_table[i], block_hash, parent)
+            parent = block_hash
+        self._committed[seq.request_id] = (num_full, parent)
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of ``seq`` (a no-op for an empty table) and clear the table.
+
+        Released in reverse so that, among equally old cached blocks, a sequence's tail is
+        evicted before its head: the head is the part other prompts are likely to share.
+        """
+        self._check_releasable(seq.block_table)
+        for block in reversed(seq.block_table):
+            self._release(block)
+        seq.block_table.clear()
+        self._committed.pop(seq.request_id, None)
+
+    # ---- raw API (KV transfer receivers) ----------------------------------------------
+
+    def allocate_blocks(self, n: int) -> list[int]:
+        """Reserve ``n`` fresh blocks with refcount 1; evicts cached blocks if it must."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > self.num_free_blocks:
+            raise NoFreeBlocksError(
+                f"need {n} blocks, only {self.num_free_blocks} of {self.num_blocks} free"
+            )
+        return [self._take_fresh() for _ in range(n)]
+
+    def free_blocks(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference to each block; validated first, so a bad call changes nothing."""
+        block_ids = list(block_ids)
+        self._check_releasable(block_ids)
+        for block in block_ids:
+            self._release(block)
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _matched_blocks(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(hash, block id) of the cached leading full blocks, leaving >= 1 token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens = seq.all_token_ids
+        size = self.block_size
+        matched: list[tuple[int, int]] = []
+        parent = ROOT_HASH
+        for i in range((len(tokens) - 1) // size):
+            parent = hash_block(parent, tokens[i * size : (i + 1) * size])
+            block = self._hash_to_block.get(parent)
+            if block is None:
+                break
+            matched.append((parent, block))
+        return matched
+
+    def _acquire_cached(self, block: int) -> None:
+        if self._refcount[block] == 0:
+            del self._evictable[block]  # in use again: no longer a reclaim candidate
+        self._refcount[block] += 1
+
+    def _take_fresh(self) -> int:
+        """A block with no content anyone can hit; callers have checked availability."""
+        if self._free:
+            block = self._free.popleft()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            block_hash = self._block_to_hash.pop(block)
+            del self._hash_to_block[block_hash]
+            self._events.append(BlockEvicted(block_hash=block_hash, block_id=block))
+        self._refcount[block] = 1
+        return block
+
+    def _cache_block(self, block: int, block_hash: int, parent_hash: int) -> None:
+        # An identical block cached earlier (another seq computed the same prefix) keeps
+        # the mapping; this seq's duplicate simply goes back to the free list when released.
+        if block_hash in self._hash_to_block or block in self._block_to_hash:
+            return
+        self._hash_to_block[block_hash] = block
+        self._block_to_hash[block] = block_hash
+        self._events.append(BlockStored(block_hash, parent_hash, block))
+
+    def _check_releasable(self, block_ids: list[int]) -> None:
+        for block, count in Counter(block_ids).items():
+            if not 0 <= block < self.num_blocks:
+                raise ValueError(f"block id {block} out of range [0, {self.num_blocks})")
+            if self._refcount[block] < count:
+                raise DoubleFreeError(
+                    f"block {block} released {count}x with refcount {self._refcount[block]}"
+                )
+
+    def _release(self, block: int) -> None:
+        self._refcount[block] -= 1
+        if self._refcount[block] == 0:
+            if block in self._block_to_hash:
+                self._evictable[block] = None  # most recently used end
+            else:
+                self._free.append(block)
+
+    # ---- testing aid ------------------------------------------------------------------
+
+    def check_invariants(self, live: Iterable[Sequence] | None = None) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent.
+
+        With ``live`` (every sequence holding blocks, and no raw reservations outstanding),
+        also check that each refcount equals the number of block tables naming the block.
+        """
+        free, evictable = set(self._free), set(self._evictable)
+        _require(len(free) == len(self._free), "duplicate block on the free list")
+        _require(not free & evictable, f"blocks both free and evictable: {free & evictable}")
+        for block, ref in enumerate(self._refcount):
+            cached = block in self._block_to_hash
+            if block in free:
+                _require(ref == 0 and not cached, f"free block {block}: ref={ref} cached={cached}")
+            elif block in evictable:
+                _require(ref == 0 and cached, f"evictable block {block}: ref={ref} cached={cached}")
+            else:
+                _require(ref > 0, f"block {block} leaked: refcount {ref} and on no free list")
+        _require(len(self._hash_to_block) == len(self._block_to_hash), "cache maps differ in size")
+        for block_hash, block in self._hash_to_block.items():
+            _require(
+                self._block_to_hash.get(block) == block_hash, f"cache maps disagree on {block}"
+            )
+        if live is not None:
+            live = list(live)
+            expected = Counter(block for seq in live for block in seq.block_table)
+            for block, ref in enumerate(self._refcount):
+                _require(ref == expected[block], f"block {block}: ref {ref} != {expected[block]}")
+            stale = set(self._committed) - {seq.request_id for seq in live}
+            _require(not stale, f"commit state leaked for {sorted(stale)}")

@@ -1,0 +1,202 @@
+"""The step-wise engine a server loop drives: add requests, step, abort.
+
+One step is three calls — ``scheduler.schedule()``, ``runner.execute()``,
+``scheduler.update_from_output()`` — and returns the tokens each request gained. The
+engine is single-threaded; a server calls it from one loop and feeds results to streams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from common import env
+from common.kv_events import KVEvent
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache, KVLayout, torch_dtype
+from engine.model import LayerHook, load_model
+from engine.model_config import ModelConfig, load_model_config
+from engine.model_loader import ModelLoadError, resolve_model
+from engine.model_runner import ModelRunner
+from engine.outputs import StepOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        env.apply_offline_defaults()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        source = resolve_model(config.model)
+        self.model_config: ModelConfig = load_model_config(source.path, source.name)
+        self.max_model_len = _max_model_len(config, self.model_config)
+        self.layout = _kv_layout(config, self.model_config, self.max_model_len)
+        device = torch.device(config.device)
+        self.model = load_model(
+            self.model_config, source.path, self.max_model_len, torch_dtype(config.dtype), device
+        )
+        self.tokenizer = _load_tokenizer(source.path)
+        self.kv_cache = KVCache(self.layout, device)
+        self.block_manager = BlockManager(
+            self.layout.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            config, self.block_manager, self.model_config.eos_token_ids, self.max_model_len
+        )
+        self.sampler = Sampler(config.seed)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.sampler)
+        self._arrivals = itertools.count()
+        self._live: dict[str, Sequence] = {}
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Sequence:
+        """Validate and queue a request; raises ValueError with the reason on bad input."""
+        if request_id in self._live:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        self.scheduler.add(seq)
+        self._live[request_id] = seq
+        return seq
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the context length is "
+                f"{self.max_model_len} (at least one token must be generated)"
+            )
+        needed = math.ceil((len(token_ids) + 1) / self.config.block_size)
+        if needed > self.layout.num_blocks:
+            raise ValueError(
+                f"prompt needs {needed} KV blocks; the cache has {self.layout.num_blocks}"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks. False if it is unknown or already done."""
+        seq = self.scheduler.abort(request_id)
+        self._forget(request_id)
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self, after_layer: LayerHook | None = None) -> list[StepOutput]:
+        output = self.scheduler.schedule()
+        if not output.scheduled:
+            return []
+        sampled = self.runner.execute(output.scheduled, after_layer)
+        finished = {seq.request_id for seq in self.scheduler.update_from_output(output, sampled)}
+        results = []
+        for chunk in output.scheduled:
+            seq = chunk.seq
+            if seq.request_id not in sampled:
+                continue
+            done = seq.request_id in finished
+            results.append(
+                StepOutput(
+                    seq.request_id,
+                    [sampled[seq.request_id]],
+                    done,
+                    seq.finish_reason,
+                    seq.num_prompt_tokens,
+                    seq.num_cached_tokens,
+                )
+            )
+            if done:
+                self._forget(seq.request_id)
+        return results
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.block_manager.take_events()
+
+    def _forget(self, request_id: str) -> None:
+        self._live.pop(request_id, None)
+        self.sampler.forget(request_id)
+
+    # -- text -------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _load_tokenizer(path: object) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {str(path)!r}: {exc}") from exc
+
+
+def _max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+    if config.max_model_len is None:
+        return model.context_len
+    if config.max_model_len > model.context_len:
+        raise ModelLoadError(
+            f"max_model_len {config.max_model_len} exceeds the model's "
+            f"context length {model.context_len}"
+        )
+    return config.max_model_len
+
+
+def _kv_layout(config: EngineConfig, model: ModelConfig, max_model_len: int) -> KVLayout:
+    probe = KVLayout(
+        model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, 1, config.dtype
+    )
+    blocks = config.num_kv_blocks or int(config.kv_cache_gib * 2**30) // probe.bytes_per_block
+    layout = KVLayout(
+        model.num_layers,
+        model.num_kv_heads,
+        model.head_dim,
+        config.block_size,
+        blocks,
+        config.dtype,
+    )
+    if blocks < 1:
+        raise ModelLoadError(
+            f"kv_cache_gib={config.kv_cache_gib} is smaller than one block "
+            f"({probe.bytes_per_block} bytes)"
+        )
+    available = _available_memory_bytes()
+    if config.device == "cpu" and available is not None and layout.total_bytes > available:
+        raise ModelLoadError(
+            f"KV cache of {layout.total_bytes / 2**30:.2f} GiB ({blocks} blocks) does not fit "
+            f"in the {available / 2**30:.2f} GiB of available memory; lower kv_cache_gib "
+            "or num_kv_blocks"
+        )
+    return layout
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,245 @@
+"""Continuous-batching scheduler: which sequences run this step, and how many tokens each.
+
+Queues: waiting (FIFO by arrival: new and preempted sequences, holding no blocks)
+→ running (hold KV blocks, scheduled every step) → finished (blocks released, returned).
+
+The contract is two calls per engine step, as in vLLM v1:
+
+    out = scheduler.schedule()                         # pick chunks, reserve KV slots
+    sampled = runner.execute(out)                      # {request_id: token} where chunk.samples
+    finished = scheduler.update_from_output(out, sampled)  # advance, cache, stop, free
+
+Per step at most ``max_num_batched_tokens`` tokens are computed and at most
+``max_num_seqs`` sequences run. Running sequences go first, in arrival order: a decode
+costs one token (the KV of the token sampled last step), a sequence still in chunked
+prefill takes the next chunk that fits the remaining budget. When a running sequence
+cannot get a KV block, the most recently arrived running sequence is preempted by
+recompute: its blocks are freed and it goes back to the front of waiting, keeping its
+generated tokens, which are re-prefilled together with the prompt. Waiting sequences are
+then admitted in strict FIFO order (none on a step that preempted, since blocks are short):
+the first one that does not fit stops admission, so a long prompt is never starved by
+shorter ones queued behind it.
+
+A sequence stops with LENGTH at ``max_model_len`` tokens, or earlier if its KV would
+outgrow the whole cache (no amount of preemption could make room for it).
+
+Device-free and deterministic: the same calls produce the same schedules.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One sequence's share of a step: compute KV for positions [start, start + num_tokens)."""
+
+    seq: Sequence  # the request; its block_table already has slots for this chunk
+    start: int  # first position to compute (= seq.num_computed_tokens at schedule time)
+    num_tokens: int  # positions to compute this step (1 for a decode)
+    samples: bool  # chunk reaches the seq's last token: the model must sample a next token
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The input tokens of this chunk."""
+        return self.seq.all_token_ids[self.start : self.start + self.num_tokens]
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the model runs this step; hand it back unchanged to update_from_output."""
+
+    scheduled: list[ScheduledChunk] = field(default_factory=list)  # running first, then new
+    preempted: list[str] = field(default_factory=list)  # request ids whose KV was dropped
+    num_batched_tokens: int = 0  # sum of chunk.num_tokens, <= max_num_batched_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+    ) -> None:
+        if block_manager.block_size != config.block_size:
+            raise ValueError("block manager and config disagree on block_size")
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        # A sequence stops (LENGTH) once its next decode would need more KV slots than the
+        # whole cache holds: alone it could never get them, and it would preempt itself
+        # forever. So the effective context length is capped by the cache's capacity.
+        capacity = block_manager.num_blocks * block_manager.block_size
+        self.max_len = min(max_model_len, capacity + 1)
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # arrival order; the tail is preempted first
+        self._requests: dict[str, Sequence] = {}  # every unfinished sequence, by id
+        # Preempted sequences keep num_cached_tokens from their first admission (it is
+        # what the request saved, reported to the client), not the re-admission's hit.
+        self._preempted: set[str] = set()
+
+    # ---- queues ---------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request; ValueError if its prompt could never run."""
+        if seq.request_id in self._requests:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table:
+            raise ValueError(f"{seq.request_id}: only fresh waiting sequences can be added")
+        if not 0 < seq.num_tokens < self.max_len:
+            raise ValueError(
+                f"{seq.request_id}: prompt has {seq.num_tokens} tokens; it needs 1 to "
+                f"{self.max_len - 1} (max_model_len {self.max_model_len}, KV cache "
+                f"{self.block_manager.num_blocks * self.block_manager.block_size} tokens)"
+            )
+        self._requests[seq.request_id] = seq
+        self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a request as ABORT and free its blocks; None if it is unknown or done."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq in self._running:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        self._preempted.discard(request_id)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+        return seq
+
+    # ---- step, part 1 -----------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        out.num_batched_tokens = sum(chunk.num_tokens for chunk in out.scheduled)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self._running) and budget > 0:
+            seq = self._running[i]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.append_slots(seq, num_tokens):
+                victim = self._running[-1]  # most recent arrival; never one already scheduled
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is seq:
+                    return budget
+            out.scheduled.append(self._chunk(seq, num_tokens))
+            budget -= num_tokens
+            i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            seq = self._waiting[0]
+            cached_before = seq.num_cached_tokens
+            self.block_manager.allocate_prefix(seq)
+            if seq.request_id in self._preempted:
+                seq.num_cached_tokens = cached_before
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.append_slots(seq, num_tokens):
+                # Give the borrowed prefix back; FIFO: nobody behind it may jump ahead.
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                seq.num_cached_tokens = cached_before
+                return
+            self._waiting.popleft()
+            self._preempted.discard(seq.request_id)
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            out.scheduled.append(self._chunk(seq, num_tokens))
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Victims are taken newest first, so pushing each to the front keeps waiting in
+        # arrival order, ahead of everything that arrived after them.
+        self._running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self._preempted.add(seq.request_id)
+        self._waiting.appendleft(seq)
+
+    @staticmethod
+    def _chunk(seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return ScheduledChunk(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
+
+    # ---- step, part 2 -----------------------------------------------------------------
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[Sequence]:
+        """Apply a step's results; return the sequences that finished in it.
+
+        ``sampled`` maps request id -> token for every chunk with ``samples`` set. Chunks of
+        sequences aborted while the step ran are ignored.
+        """
+        finished: list[Sequence] = []
+        for chunk in output.scheduled:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if seq.num_computed_tokens != chunk.start:
+                raise ValueError(f"{seq.request_id}: output applied twice or out of order")
+            seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.commit_computed(seq)
+            if not chunk.samples:
+                continue
+            if seq.request_id not in sampled:
+                raise KeyError(f"no sampled token for {seq.request_id}")
+            token = sampled[seq.request_id]
+            seq.output_token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return FinishReason.STOP
+        if token in seq.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.max_len:  # max_model_len or the whole KV cache
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self._running.remove(seq)
+        del self._requests[seq.request_id]
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

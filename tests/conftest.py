@@ -1,0 +1,27 @@
+"""Test-wide environment: offline, loopback, model cache, and Triton's interpreter on CPU.
+
+This runs before any test module imports torch, transformers or triton, which matters:
+Triton fixes interpreted-vs-compiled mode when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("PDSERVE_CACHE_DIR", str(REPO / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the environment above)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One intra-op thread per test process: the suite starts worker processes beside it, and
+# oversubscribed OpenMP threads spin instead of working.
+torch.set_num_threads(int(os.environ.get("PDSERVE_TEST_THREADS", "1")))
