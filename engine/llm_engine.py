@@ -1,5 +1,9 @@
 """The step-wise engine a server loop drives: add requests, step, abort.
 
+For disaggregation the engine also takes requests whose prompt KV arrives from elsewhere
+(``reserve_blocks`` → the KV lands → ``add_prefilled``) and keeps a prefill-only
+request's blocks after it finishes (``hold_blocks=True`` → send them → ``release``).
+
 One step is three calls — ``scheduler.schedule()``, ``runner.execute()``,
 ``scheduler.update_from_output()`` — and returns the tokens each request gained. The
 engine is single-threaded; a server calls it from one loop and feeds results to streams.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -24,8 +29,10 @@ from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+
+StepLayerHook = Callable[[int, SchedulerOutput], None]
 
 
 class LLMEngine:
@@ -57,16 +64,77 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
     ) -> Sequence:
-        """Validate and queue a request; raises ValueError with the reason on bad input."""
-        if request_id in self._live:
-            raise ValueError(f"request id {request_id!r} is already running")
+        """Validate and queue a request; raises ValueError with the reason on bad input.
+
+        With ``hold_blocks`` the request's KV blocks outlive it until :meth:`release`.
+        """
+        self._check_new_id(request_id)
         self.validate_prompt(prompt_token_ids)
-        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            next(self._arrivals),
+            hold_blocks=hold_blocks,
+        )
         self.scheduler.add(seq)
         self._live[request_id] = seq
         return seq
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks of a finished ``hold_blocks`` request."""
+        return self.scheduler.release(request_id)
+
+    def blocks_for_prompt(self, num_prompt_tokens: int) -> int:
+        return -(-num_prompt_tokens // self.config.block_size)
+
+    def reserve_blocks(self, count: int) -> list[int] | None:
+        """Blocks for KV that another process will write; None if they are not free now."""
+        if count > self.block_manager.num_free_blocks:
+            return None
+        return self.block_manager.allocate_blocks(count)
+
+    def free_reserved(self, block_ids: list[int]) -> None:
+        self.block_manager.free_blocks(block_ids)
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        block_ids: list[int],
+        params: SamplingParams,
+    ) -> StepOutput | None:
+        """Join a request whose prompt KV has landed in ``block_ids`` to the running batch.
+
+        The blocks come from :meth:`reserve_blocks`; on success the request owns them (on a
+        ValueError the caller still does). Returns a final StepOutput if the first token
+        (sampled by the prefill side) already finished the request, else None.
+        """
+        self._check_new_id(request_id)
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            next(self._arrivals),
+            output_token_ids=[first_token],
+            block_table=list(block_ids),
+        )
+        if self.scheduler.add_prefilled(seq):
+            return StepOutput(request_id, [], True, seq.finish_reason, seq.num_prompt_tokens, 0)
+        self._live[request_id] = seq
+        return None
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._live:
+            raise ValueError(f"request id {request_id!r} is already running")
 
     def validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -96,11 +164,19 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # -- the loop ---------------------------------------------------------------------------
-    def step(self, after_layer: LayerHook | None = None) -> list[StepOutput]:
+    def step(self, after_layer: StepLayerHook | None = None) -> list[StepOutput]:
+        """Run one batch. ``after_layer(layer, output)`` is called as each layer's KV for
+        the step's chunks is in the cache (layer-wise KV transfer hooks in here)."""
         output = self.scheduler.schedule()
         if not output.scheduled:
             return []
-        sampled = self.runner.execute(output.scheduled, after_layer)
+        hook: LayerHook | None = None
+        if after_layer is not None:
+
+            def hook(layer: int) -> None:
+                after_layer(layer, output)
+
+        sampled = self.runner.execute(output.scheduled, hook)
         finished = {seq.request_id for seq in self.scheduler.update_from_output(output, sampled)}
         results = []
         for chunk in output.scheduled:

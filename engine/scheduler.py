@@ -20,6 +20,11 @@ then admitted in strict FIFO order (none on a step that preempted, since blocks 
 the first one that does not fit stops admission, so a long prompt is never starved by
 shorter ones queued behind it.
 
+Disaggregation adds two entry points. ``add_prefilled`` puts a sequence whose prompt KV
+already sits in blocks it owns (landed by a KV transfer) straight into running.
+A sequence created with ``hold_blocks`` keeps its blocks when it finishes, in ``held``,
+until ``release`` — the prefill worker sends them in between.
+
 A sequence stops with LENGTH at ``max_model_len`` tokens, or earlier if its KV would
 outgrow the whole cache (no amount of preemption could make room for it).
 
@@ -89,6 +94,7 @@ class Scheduler:
         # Preempted sequences keep num_cached_tokens from their first admission (it is
         # what the request saved, reported to the client), not the re-admission's hit.
         self._preempted: set[str] = set()
+        self._held: dict[str, Sequence] = {}  # finished, blocks kept until release()
 
     # ---- queues ---------------------------------------------------------------------
 
@@ -100,8 +106,41 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def add_prefilled(self, seq: Sequence) -> bool:
+        """Run a sequence whose prompt KV is already in ``seq.block_table`` (it owns those
+        blocks) and whose first token was sampled elsewhere. Returns True if that token
+        already finished it (its blocks are then freed)."""
+        if seq.request_id in self._requests:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        needed = -(-seq.num_prompt_tokens // self.block_manager.block_size)
+        if len(seq.output_token_ids) != 1 or len(seq.block_table) != needed:
+            raise ValueError(f"{seq.request_id}: needs one first token and {needed} blocks")
+        if not 0 < seq.num_prompt_tokens < self.max_len:
+            raise ValueError(f"{seq.request_id}: prompt of {seq.num_prompt_tokens} tokens")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self._requests[seq.request_id] = seq
+        self._running.append(seq)
+        self.block_manager.commit_computed(seq)
+        reason = self._stop_reason(seq, seq.output_token_ids[0])
+        if reason is not None:
+            self._finish(seq, reason)
+        return reason is not None
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks a finished ``hold_blocks`` sequence kept; False if none held."""
+        seq = self._held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.block_manager.free(seq)
+        return True
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request; ValueError if its prompt could never run."""
@@ -120,6 +159,8 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Sequence | None:
         """Finish a request as ABORT and free its blocks; None if it is unknown or done."""
+        if self.release(request_id):
+            return None
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return None
@@ -240,6 +281,9 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self._running.remove(seq)
         del self._requests[seq.request_id]
-        self.block_manager.free(seq)
+        if seq.hold_blocks:
+            self._held[seq.request_id] = seq
+        else:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

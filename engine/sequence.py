@@ -38,6 +38,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is already in the cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first admission)
     finish_reason: FinishReason | None = None
+    # Keep the KV blocks after finishing, until the scheduler's release(): the prefill side
+    # of a disaggregated request must still send them.
+    hold_blocks: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
