@@ -45,5 +45,9 @@ lint: $(STAMP)
 bench: setup
 	$(BIN)/python benchmarks/engine_throughput.py
 
+# Generated code is committed; tests/unit/test_proto_fresh.py fails when it is stale.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. proto/*.proto
+
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
