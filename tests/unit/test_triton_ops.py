@@ -2,66 +2,39 @@
 
 Without CUDA the kernels run in triton's interpreter on CPU tensors. Triton picks
 interpreter or compiler when ``@triton.jit`` decorates a function — its own standard
-library (``tl.zeros``, ``tl.sum``, ...) when ``triton`` is first imported, our kernels when
-``engine.triton_ops`` is — so ``TRITON_INTERPRET=1`` must be in the environment before
-either import. This module sets it before importing them. If something imported triton
-earlier in the same pytest process without it (importing transformers' Llama model does),
-the in-process tests skip and ``test_kernels_in_fresh_process`` reruns this file in a
-subprocess with the variable set, so the kernels are still covered. With CUDA the same
-tests run the compiled kernels on the GPU.
+library when ``triton`` is first imported, our kernels when ``engine.triton_ops`` is — so
+``TRITON_INTERPRET=1`` must be in the environment before either import. tests/conftest.py
+sets it before any test module is imported; the ``ops`` fixture fails loudly if it did not
+take effect. With CUDA the same tests run the compiled kernels on the GPU.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+import triton
+
+from engine import triton_ops
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
-
-triton = pytest.importorskip("triton")
-triton_ops = importlib.import_module("engine.triton_ops")
-
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 BLOCK_SIZE = 16
-_CHILD_FLAG = "PDSERVE_TRITON_TEST_CHILD"
 
 
 def _interpreted(fn: object) -> bool:
     return type(fn).__name__ == "InterpretedFunction"
 
 
-# Both triton's own jit'd helpers and our kernels must be interpreted to run on CPU tensors.
-IN_PROCESS = HAS_CUDA or (
-    _interpreted(triton.language.zeros) and _interpreted(triton_ops._copy_blocks_kernel)
-)
-
-
 @pytest.fixture(scope="module")
 def ops() -> ModuleType:
-    if not IN_PROCESS:
-        if os.environ.get(_CHILD_FLAG):
-            pytest.fail("TRITON_INTERPRET=1 did not take effect in a fresh process")
-        pytest.skip("triton was imported before TRITON_INTERPRET=1; see fresh-process test")
+    # Both triton's own jit'd helpers and our kernels must be interpreted to run on CPU.
+    if not HAS_CUDA and not (
+        _interpreted(triton.language.zeros) and _interpreted(triton_ops._copy_blocks_kernel)
+    ):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (see conftest)")
     return triton_ops
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="kernels already run in this process")
-def test_kernels_in_fresh_process() -> None:
-    """Rerun this file where TRITON_INTERPRET=1 precedes every triton import."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def _cache(lead: tuple[int, ...], num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
