@@ -1,0 +1,428 @@
+"""The worker registry and KV event streams, in Redis.
+
+Workers register, heartbeat, publish their load and their prefix-cache events here; routers
+(several, side by side) read the same state. Liveness is Redis key expiry: a worker that
+stops heartbeating disappears after ``heartbeat_ttl_s`` with no cleanup from anyone.
+
+Key scheme (``{ns}`` is the namespace, default ``pdserve``)::
+
+    {ns}:workers             SET    ids of workers that registered. An index only: it may
+                                    hold dead ids, which readers prune when they find the
+                                    worker key gone (heartbeats re-add, so pruning races heal).
+    {ns}:worker:{worker_id}  STRING WorkerInfo JSON, PX = heartbeat TTL. Exists == alive.
+    {ns}:load:{worker_id}    STRING WorkerLoad JSON, PX = heartbeat TTL.
+    {ns}:kv:{pool}           STREAM KV events of every worker in the pool, XADD with
+                                    MAXLEN ~ kv_stream_maxlen (approximate trimming).
+                                    Entry fields, all strings:
+                                      worker_id, type ("stored" | "evicted" | "clear"),
+                                      block_hash, parent_hash, block_id
+                                    (decimal; "" where the type has no such field).
+
+One stream per pool, not per worker: a router follows a pool with one XREAD and never has
+to discover new streams, and each worker's events keep their order because a worker
+belongs to one pool. Routers read with plain XREAD and their own last ids, never consumer
+groups, which would hand each event to only one router.
+
+Worker lifecycle: ``register`` (info + index + a ``clear`` marker, since a freshly started
+worker's cache is empty) → ``heartbeat`` every ``interval_s`` (refresh TTL, publish load) →
+``deregister`` (delete keys + ``clear`` marker) or death (keys expire). :class:`Heartbeat`
+runs that loop for a worker. Streams are trimmed, so a router that falls further behind
+than ``kv_stream_maxlen`` entries, or starts late, has an incomplete prefix index: that
+costs cache hits, never correctness, because workers check their own caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from common.kv_events import BlockEvicted, BlockStored, KVEvent
+from common.worker_info import WorkerInfo, WorkerLoad, WorkerRole
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """Marker: drop every block indexed for this worker (it restarted or left)."""
+
+
+StreamEvent = KVEvent | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventRecord:
+    """One KV stream entry as a router sees it."""
+
+    stream_id: str  # Redis entry id, "<ms>-<seq>"; the reader's cursor after this entry
+    pool: str
+    worker_id: str
+    event: StreamEvent
+
+
+class Registry:
+    """Async client for workers (write side) and routers (read side). One per process."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str = "pdserve",
+        heartbeat_ttl_s: float = 3.0,
+        kv_stream_maxlen: int = 100_000,
+    ) -> None:
+        if heartbeat_ttl_s <= 0:
+            raise ValueError(f"heartbeat_ttl_s must be positive, got {heartbeat_ttl_s}")
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._ttl_ms = max(1, round(heartbeat_ttl_s * 1000))
+        self._keys = _Keys(namespace)
+        self._maxlen = kv_stream_maxlen
+        # A connect timeout so an unreachable Redis fails a heartbeat instead of hanging it;
+        # no read timeout, because XREAD legitimately blocks.
+        self._redis = aredis.Redis.from_url(
+            redis_url, decode_responses=True, socket_connect_timeout=2.0
+        )
+        self._pools: dict[str, str] = {}  # worker id → pool, for workers registered here
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> Registry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---- worker side -------------------------------------------------------------------
+
+    async def register(self, info: WorkerInfo, *, clear_kv: bool = True) -> None:
+        """Announce a worker. ``clear_kv`` tells routers to forget its blocks first."""
+        self._pools[info.worker_id] = info.pool
+        k = self._keys
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(k.worker(info.worker_id), info.to_json(), px=self._ttl_ms)
+            pipe.sadd(k.index, info.worker_id)
+            if clear_kv:
+                pipe.xadd(k.kv(info.pool), _clear_fields(info.worker_id), **self._trim)
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, load: WorkerLoad | None = None) -> bool:
+        """Refresh the TTL (and publish ``load``) in one round trip.
+
+        Returns False when the registration had already expired (Redis restarted, or the
+        worker stalled past the TTL): the caller must ``register`` again.
+        """
+        if load is not None and load.worker_id != worker_id:
+            raise ValueError(f"load of {load.worker_id!r} in heartbeat of {worker_id!r}")
+        k = self._keys
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.pexpire(k.worker(worker_id), self._ttl_ms)
+            pipe.sadd(k.index, worker_id)
+            if load is not None:
+                pipe.set(k.load(load.worker_id), load.to_json(), px=self._ttl_ms)
+            alive, *_ = await pipe.execute()
+        return bool(alive)
+
+    async def publish_load(self, load: WorkerLoad) -> None:
+        await self._redis.set(self._keys.load(load.worker_id), load.to_json(), px=self._ttl_ms)
+
+    async def deregister(self, worker_id: str) -> None:
+        """Remove a worker now (instead of after its TTL) and clear its blocks in routers."""
+        k = self._keys
+        pool = self._pools.pop(worker_id, None)
+        if pool is None:  # deregistering a worker registered by another process
+            raw = await self._redis.get(k.worker(worker_id))
+            pool = WorkerInfo.from_json(raw).pool if raw is not None else None
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(k.worker(worker_id), k.load(worker_id))
+            pipe.srem(k.index, worker_id)
+            if pool is not None:
+                pipe.xadd(k.kv(pool), _clear_fields(worker_id), **self._trim)
+            await pipe.execute()
+
+    async def publish_kv_events(
+        self, worker_id: str, events: Sequence[StreamEvent], *, pool: str | None = None
+    ) -> list[str]:
+        """Append events, in order, to the pool's stream; returns their entry ids.
+
+        ``pool`` defaults to the one this worker registered with through this client.
+        """
+        if not events:
+            return []
+        stream = self._keys.kv(self._pool_of(worker_id, pool))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.xadd(stream, _encode(worker_id, event), **self._trim)
+            return list(await pipe.execute())
+
+    async def publish_kv_clear(self, worker_id: str, *, pool: str | None = None) -> str:
+        """Tell routers to drop all of this worker's blocks (e.g. its cache was reset)."""
+        (entry_id,) = await self.publish_kv_events(worker_id, [AllBlocksCleared()], pool=pool)
+        return entry_id
+
+    # ---- router side -------------------------------------------------------------------
+
+    async def list_workers(
+        self, pool: str | None = None, role: WorkerRole | str | None = None
+    ) -> list[WorkerInfo]:
+        """Live workers, sorted by id, optionally of one pool and/or role."""
+        ids = sorted(await self._redis.smembers(self._keys.index))
+        raws = await self._redis.mget([self._keys.worker(i) for i in ids]) if ids else []
+        infos, dead = _parse_infos(ids, raws)
+        if dead:
+            await self._redis.srem(self._keys.index, *dead)
+        return _filter(infos, pool, role)
+
+    async def loads(self, worker_ids: Iterable[str] | None = None) -> dict[str, WorkerLoad]:
+        """Latest load of each live worker (of ``worker_ids`` if given)."""
+        ids = sorted(
+            await self._redis.smembers(self._keys.index) if worker_ids is None else worker_ids
+        )
+        raws = await self._redis.mget([self._keys.load(i) for i in ids]) if ids else []
+        return _parse_loads(raws)
+
+    async def read_kv_events(
+        self, last_ids: dict[str, str], block_ms: int | None = None, count: int = 1000
+    ) -> list[KVEventRecord]:
+        """Events after ``last_ids`` (pool → entry id), advancing ``last_ids`` in place.
+
+        Start a cursor at ``"0"`` to replay the retained history or at ``"$"`` for only
+        new events; ``"$"`` is resolved to the stream's current last id on the first call
+        so nothing published between two calls is missed. ``block_ms=None`` returns at
+        once; otherwise XREAD blocks up to that long for the first event (0 = forever).
+        """
+        for pool, last in last_ids.items():
+            if last == "$":
+                newest = await self._redis.xrevrange(self._keys.kv(pool), count=1)
+                last_ids[pool] = newest[0][0] if newest else "0-0"
+        if not last_ids:
+            return []
+        streams = {self._keys.kv(pool): last for pool, last in last_ids.items()}
+        reply = await self._redis.xread(streams, count=count, block=block_ms)
+        records: list[KVEventRecord] = []
+        for key, entries in reply.items() if isinstance(reply, dict) else reply or []:
+            pool = self._keys.pool_of_stream(key)
+            for entry_id, fields in entries:
+                last_ids[pool] = entry_id
+                decoded = _decode(fields)
+                if decoded is not None:
+                    records.append(KVEventRecord(entry_id, pool, *decoded))
+        return records
+
+    # ---- internals ---------------------------------------------------------------------
+
+    @property
+    def _trim(self) -> dict[str, Any]:
+        return {"maxlen": self._maxlen, "approximate": True}
+
+    def _pool_of(self, worker_id: str, pool: str | None) -> str:
+        if pool is not None:
+            return pool
+        if worker_id not in self._pools:
+            raise ValueError(f"worker {worker_id!r} was not registered here; pass pool=")
+        return self._pools[worker_id]
+
+
+class SyncRegistryReader:
+    """Blocking read-only view for CLIs and tests: same keys and parsing as :class:`Registry`."""
+
+    def __init__(self, redis_url: str, namespace: str = "pdserve") -> None:
+        self._keys = _Keys(namespace)
+        self._redis = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def list_workers(
+        self, pool: str | None = None, role: WorkerRole | str | None = None
+    ) -> list[WorkerInfo]:
+        ids = sorted(self._redis.smembers(self._keys.index))
+        raws = self._redis.mget([self._keys.worker(i) for i in ids]) if ids else []
+        return _filter(_parse_infos(ids, raws)[0], pool, role)
+
+    def loads(self) -> dict[str, WorkerLoad]:
+        ids = sorted(self._redis.smembers(self._keys.index))
+        return _parse_loads(self._redis.mget([self._keys.load(i) for i in ids]) if ids else [])
+
+
+class Heartbeat:
+    """Keeps one worker registered with fresh load until stopped.
+
+    ``start()`` registers (with a ``clear`` marker) and starts a task that, every
+    ``interval_s``, refreshes the TTL and publishes ``load_fn()``; ``stop()`` cancels it and
+    deregisters. Redis errors are logged and retried on the next beat: a worker that cannot
+    reach Redis drops out of routing by TTL, which is the right outcome. The event loop
+    must stay responsive (run model steps off-loop) or the worker expires under load.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        info: WorkerInfo,
+        load_fn: Callable[[], WorkerLoad],
+        interval_s: float = 0.25,
+    ) -> None:
+        if not 0 < interval_s < registry.heartbeat_ttl_s:
+            raise ValueError(
+                f"interval_s={interval_s} must be in (0, ttl={registry.heartbeat_ttl_s})"
+            )
+        self._registry = registry
+        self._info = info
+        self._load_fn = load_fn
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("Heartbeat already started")
+        await self._registry.register(self._info)
+        await self._registry.publish_load(self._load_fn())
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._info.worker_id}")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        try:
+            await self._registry.deregister(self._info.worker_id)
+        except (redis.RedisError, OSError) as exc:  # the TTL removes it anyway
+            log.warning("deregister %s failed: %s", self._info.worker_id, exc)
+
+    async def __aenter__(self) -> Heartbeat:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        worker_id = self._info.worker_id
+        failing = False
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                if not await self._registry.heartbeat(worker_id, self._load_fn()):
+                    # Expired while alive: the cache is intact, so keep routers' blocks.
+                    log.warning("registration of %s had expired; re-registering", worker_id)
+                    await self._registry.register(self._info, clear_kv=False)
+                failing = False
+            except Exception as exc:
+                if not failing:  # log the first failure of a streak, not every beat
+                    log.warning("heartbeat of %s failed: %s", worker_id, exc)
+                failing = True
+
+
+# ---- encoding: dataclasses ↔ Redis values ----------------------------------------------
+
+
+class _Keys:
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+        self.index = f"{namespace}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.ns}:worker:{worker_id}"
+
+    def load(self, worker_id: str) -> str:
+        return f"{self.ns}:load:{worker_id}"
+
+    def kv(self, pool: str) -> str:
+        return f"{self.ns}:kv:{pool}"
+
+    def pool_of_stream(self, key: str) -> str:
+        return key.removeprefix(f"{self.ns}:kv:")
+
+
+def _encode(worker_id: str, event: StreamEvent) -> dict[str, str]:
+    if isinstance(event, BlockStored):
+        typ, parent = "stored", str(event.parent_hash)
+    elif isinstance(event, BlockEvicted):
+        typ, parent = "evicted", ""
+    elif isinstance(event, AllBlocksCleared):
+        return _clear_fields(worker_id)
+    else:
+        raise TypeError(f"not a KV event: {event!r}")
+    return {
+        "worker_id": worker_id,
+        "type": typ,
+        "block_hash": str(event.block_hash),
+        "parent_hash": parent,
+        "block_id": str(event.block_id),
+    }
+
+
+def _clear_fields(worker_id: str) -> dict[str, str]:
+    return {
+        "worker_id": worker_id,
+        "type": "clear",
+        "block_hash": "",
+        "parent_hash": "",
+        "block_id": "",
+    }
+
+
+def _decode(fields: dict[str, str]) -> tuple[str, StreamEvent] | None:
+    """(worker_id, event), or None for an entry this version cannot read (logged, skipped)."""
+    try:
+        worker_id, typ = fields["worker_id"], fields["type"]
+        if typ == "stored":
+            h, p, b = (int(fields[f]) for f in ("block_hash", "parent_hash", "block_id"))
+            return worker_id, BlockStored(block_hash=h, parent_hash=p, block_id=b)
+        if typ == "evicted":
+            h, b = int(fields["block_hash"]), int(fields["block_id"])
+            return worker_id, BlockEvicted(block_hash=h, block_id=b)
+        if typ == "clear":
+            return worker_id, AllBlocksCleared()
+    except (KeyError, ValueError):
+        pass
+    log.warning("skipping unreadable KV stream entry %r", fields)
+    return None
+
+
+def _parse_infos(ids: list[str], raws: list[str | None]) -> tuple[list[WorkerInfo], list[str]]:
+    """(live infos, ids whose key has expired). Malformed entries are logged and skipped."""
+    infos: list[WorkerInfo] = []
+    dead: list[str] = []
+    for worker_id, raw in zip(ids, raws, strict=True):
+        if raw is None:
+            dead.append(worker_id)
+            continue
+        try:
+            infos.append(WorkerInfo.from_json(raw))
+        except ValueError as exc:
+            log.warning("skipping malformed registration of %s: %s", worker_id, exc)
+    return infos, dead
+
+
+def _parse_loads(raws: list[str | None]) -> dict[str, WorkerLoad]:
+    loads: dict[str, WorkerLoad] = {}
+    for raw in raws:
+        if raw is None:
+            continue
+        try:
+            load = WorkerLoad.from_json(raw)
+        except ValueError as exc:
+            log.warning("skipping malformed load report: %s", exc)
+            continue
+        loads[load.worker_id] = load
+    return loads
+
+
+def _filter(
+    infos: list[WorkerInfo], pool: str | None, role: WorkerRole | str | None
+) -> list[WorkerInfo]:
+    wanted_role = WorkerRole(role) if role is not None else None
+    return [
+        i
+        for i in infos
+        if (pool is None or i.pool == pool) and (wanted_role is None or i.role == wanted_role)
+    ]
