@@ -206,14 +206,21 @@ class AsyncEngine:
             self._post(lambda q=queue: q.put_nowait(exc))
 
     def _snapshot(self) -> EngineStats:
-        bm = self.engine.block_manager
-        scheduler = self.engine.scheduler
-        return EngineStats(
-            waiting=scheduler.num_waiting,
-            running=scheduler.num_running,
-            held=scheduler.num_held,
-            free_blocks=bm.num_free_blocks,
-            used_blocks=bm.num_used_blocks,
-            cached_blocks=bm.num_cached_blocks,
-            total_blocks=bm.num_blocks,
-        )
+        return engine_stats(self.engine)
+
+    async def exact_stats(self) -> EngineStats:
+        """The load taken on the engine thread between steps (``stats`` may be a step old)."""
+        return await self.call(engine_stats)
+
+
+def engine_stats(engine: LLMEngine) -> EngineStats:
+    bm, scheduler = engine.block_manager, engine.scheduler
+    return EngineStats(
+        waiting=scheduler.num_waiting,
+        running=scheduler.num_running,
+        held=scheduler.num_held,
+        free_blocks=bm.num_free_blocks,
+        used_blocks=bm.num_used_blocks,
+        cached_blocks=bm.num_cached_blocks,
+        total_blocks=bm.num_blocks,
+    )

@@ -19,6 +19,7 @@ import torch
 
 from common import env
 from common.kv_events import KVEvent
+from common.worker_info import BlockGeometry
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache, KVLayout, torch_dtype
@@ -197,6 +198,19 @@ class LLMEngine:
             if done:
                 self._forget(seq.request_id)
         return results
+
+    def geometry(self) -> BlockGeometry:
+        """What a KV peer or the router must know about this engine's blocks."""
+        layout = self.layout
+        return BlockGeometry(
+            model=self.model_config.name,
+            dtype=layout.dtype,
+            block_size=layout.block_size,
+            num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim,
+            num_blocks=layout.num_blocks,
+        )
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()

@@ -1,0 +1,313 @@
+"""The process around a worker: gRPC server, registry heartbeat, metrics, signals, drain.
+
+Prefill, decode and colocated workers differ in what they compute, not in how they live,
+so their ``__main__`` modules build a role-specific :class:`WorkerApp` and hand it to
+:meth:`WorkerRuntime.serve`, which owns the process lifecycle::
+
+    start   gRPC server (the app's services + WorkerControl + health + reflection),
+            /metrics over HTTP, registration in Redis with a heartbeat that publishes load,
+            a loop that drains the app's KV events into the pool's stream
+    ready   prints one line: "<role> worker <id> serving gRPC on H:P kv H:P|- metrics H:P|-"
+    serve   until SIGTERM / SIGINT
+    drain   app refuses new work (UNAVAILABLE) → health NOT_SERVING → deregister →
+            in-flight requests finish (up to drain_grace_s) → server stops → app closes
+
+Torch-free: the engine lives behind the app. Also here, because every worker shares them:
+the error kinds a request fails with (:class:`RequestError`, mapped to gRPC codes by the
+servicers), the load snapshot an app reports (:class:`WorkerSnapshot`), the recent-latency
+window behind TTFT / ITL in the load, and the ``WorkerControl.GetStatus`` servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from common.grpc_server import AddServicerFn, GrpcServer
+from common.kv_events import KVEvent
+from common.metrics import Metrics
+from common.registry import Heartbeat, Registry
+from common.worker_config import WorkerConfig
+from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
+from proto import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CONTROL_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
+
+
+class ErrorKind(StrEnum):
+    """Why a request failed; the servicers send the gRPC status code of the same name."""
+
+    INVALID_ARGUMENT = "invalid_argument"  # bad ids, params, lengths: the caller's fault
+    RESOURCE_EXHAUSTED = "resource_exhausted"  # can never fit this worker's KV cache
+    UNAVAILABLE = "unavailable"  # draining, or the prefill worker failed (policy "fail")
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+class RequestError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """A worker's load right now; cheap to take (no engine-thread round trip)."""
+
+    waiting: int  # accepted, not running yet (worker queues + engine waiting queue)
+    running: int  # in the engine's running batch
+    free_blocks: int  # allocatable now: never used, or cached and unreferenced
+    used_blocks: int  # referenced: running, reserved for a transfer, being sent
+    cached_blocks: int  # in the prefix cache (reusable), referenced or not
+    total_blocks: int
+    in_flight_transfers: int
+    queues: dict[str, int] = field(default_factory=dict)  # lifecycle queue → depth
+    queued_prefill_tokens: int = 0
+    ttft_ms_recent: float | None = None
+    itl_ms_recent: float | None = None
+
+
+class LatencyWindow:
+    """Mean of the samples of the last ``window_s`` seconds (at most ``max_samples``)."""
+
+    def __init__(self, window_s: float = 10.0, max_samples: int = 1024) -> None:
+        self._window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append((time.monotonic(), seconds))
+
+    def mean_ms(self) -> float | None:
+        horizon = time.monotonic() - self._window_s
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+        if not self._samples:
+            return None
+        return 1000.0 * sum(s for _, s in self._samples) / len(self._samples)
+
+
+class WorkerApp(Protocol):
+    """What a role hands the runtime: its services, its state, and how to stop it."""
+
+    role: WorkerRole
+    kv_address: str | None  # the KV receiver's host:port (decode workers only)
+    geometry: BlockGeometry
+    services: Sequence[tuple[AddServicerFn, Any]]
+    service_names: Sequence[str]
+
+    def snapshot(self) -> WorkerSnapshot:
+        """Cheap, possibly one engine step old: for heartbeats and gauges."""
+        ...
+
+    async def status(self) -> WorkerSnapshot:
+        """Exact as of the end of the current engine step: for ``GetStatus``."""
+        ...
+
+    async def take_kv_events(self) -> list[KVEvent]:
+        """Drain the prefix cache's events (the runtime publishes or drops them)."""
+        ...
+
+    def begin_drain(self) -> None:
+        """From now on refuse new requests with UNAVAILABLE."""
+        ...
+
+    def in_flight(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class ControlServicer(worker_pb2_grpc.WorkerControlServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._runtime = runtime
+
+    async def GetStatus(
+        self, request: worker_pb2.GetStatusRequest, context: Any
+    ) -> worker_pb2.WorkerStatus:
+        rt = self._runtime
+        s = await rt.status()
+        return worker_pb2.WorkerStatus(
+            worker_id=rt.worker_id,
+            role=rt.config.role.value,
+            pool=rt.config.pool,
+            waiting=s.waiting,
+            running=s.running,
+            free_blocks=s.free_blocks,
+            used_blocks=s.used_blocks,
+            cached_blocks=s.cached_blocks,
+            total_blocks=s.total_blocks,
+            in_flight_transfers=s.in_flight_transfers,
+            draining=rt.draining,
+        )
+
+
+class WorkerRuntime:
+    """One per worker process; see the module docstring for the lifecycle."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or _generate_id(config.role)
+        self.metrics = Metrics()
+        self.draining = False
+        self._app: WorkerApp | None = None
+        self._stop = asyncio.Event()
+        m = self.metrics
+        self._queue_gauge = m.gauge("queue_depth", "Requests per lifecycle queue", ["queue"])
+        self._running_gauge = m.gauge("running_requests", "Requests in the running batch")
+        self._blocks_gauge = m.gauge("kv_blocks", "KV blocks by state", ["state"])
+        self._transfers_gauge = m.gauge("kv_transfers_in_flight", "Unfinished KV transfers")
+        self._events_counter = m.counter("kv_events_published", "KV events sent to Redis")
+
+    def snapshot(self) -> WorkerSnapshot:
+        if self._app is None:
+            raise RuntimeError("no app is being served")
+        return self._app.snapshot()
+
+    async def status(self) -> WorkerSnapshot:
+        if self._app is None:
+            raise RuntimeError("no app is being served")
+        return await self._app.status()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, app: WorkerApp) -> int:
+        """Run ``app`` until a signal (or :meth:`request_stop`), then drain; exit status."""
+        self._app = app
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        server = GrpcServer(
+            cfg.host,
+            cfg.port,
+            [
+                *app.services,
+                (worker_pb2_grpc.add_WorkerControlServicer_to_server, ControlServicer(self)),
+            ],
+            [*app.service_names, CONTROL_SERVICE],
+        )
+        await server.start()
+        metrics_address = "-"
+        if cfg.metrics_port is not None:
+            metrics_address = f"{cfg.host}:{self.metrics.start_http(cfg.metrics_port, cfg.host)}"
+        registry, heartbeat = await self._register(app, server.address)
+        ticker = asyncio.create_task(self._tick(app, registry), name="worker-tick")
+        print(
+            f"{cfg.role.value} worker {self.worker_id} serving gRPC on {server.address} "
+            f"kv {app.kv_address or '-'} metrics {metrics_address}",
+            flush=True,
+        )
+        try:
+            await self._stop.wait()
+            log.info("%s: draining", self.worker_id)
+            await self._drain(app, server, heartbeat)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            if registry is not None:
+                await registry.aclose()
+            await app.close()
+            self.metrics.stop_http()
+        log.info("%s: stopped", self.worker_id)
+        return 0
+
+    async def _register(
+        self, app: WorkerApp, grpc_address: str
+    ) -> tuple[Registry | None, Heartbeat | None]:
+        cfg = self.config
+        if cfg.redis_url is None:
+            log.warning("%s: no redis_url; not registering", self.worker_id)
+            return None, None
+        registry = Registry(cfg.redis_url, cfg.namespace, cfg.heartbeat_ttl_s)
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            role=cfg.role,
+            pool=cfg.pool,
+            model=app.geometry.model,
+            grpc_address=grpc_address,
+            kv_address=app.kv_address,
+            geometry=app.geometry,
+        )
+        heartbeat = Heartbeat(registry, info, self._load, cfg.heartbeat_interval_s)
+        await heartbeat.start()
+        return registry, heartbeat
+
+    def _load(self) -> WorkerLoad:
+        s = self.snapshot()
+        return WorkerLoad(
+            worker_id=self.worker_id,
+            queued=s.waiting,
+            running=s.running,
+            free_blocks=s.free_blocks,
+            used_blocks=s.used_blocks,
+            cached_blocks=s.cached_blocks,
+            ttft_ms_recent=s.ttft_ms_recent,
+            itl_ms_recent=s.itl_ms_recent,
+            queued_prefill_tokens=s.queued_prefill_tokens,
+            draining=self.draining,
+        )
+
+    async def _tick(self, app: WorkerApp, registry: Registry | None) -> None:
+        """Every heartbeat interval: refresh gauges, publish the prefix cache's events."""
+        # Decode workers' caches hold KV that prefill workers computed: routers place
+        # prompts on prefill workers, so only prefill (and colocated) caches are announced.
+        publish = registry is not None and app.role is not WorkerRole.DECODE
+        failing = False
+        while True:
+            try:
+                self._export(app.snapshot())
+                events = await app.take_kv_events()
+                if events and publish:
+                    assert registry is not None
+                    await registry.publish_kv_events(self.worker_id, events)
+                    self._events_counter.inc(len(events))
+                failing = False
+            except Exception as exc:  # keep ticking: a Redis outage must not stop metrics
+                if not failing:  # the first failure of a streak, not one per tick
+                    log.warning("%s: publishing KV events failed: %s", self.worker_id, exc)
+                failing = True
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    def _export(self, s: WorkerSnapshot) -> None:
+        for queue, depth in s.queues.items():
+            self._queue_gauge.labels(queue).set(depth)
+        self._running_gauge.set(s.running)
+        self._blocks_gauge.labels("used").set(s.used_blocks)
+        self._blocks_gauge.labels("free").set(s.free_blocks)
+        self._blocks_gauge.labels("cached").set(s.cached_blocks)
+        self._transfers_gauge.set(s.in_flight_transfers)
+
+    async def _drain(self, app: WorkerApp, server: GrpcServer, heartbeat: Heartbeat | None) -> None:
+        self.draining = True
+        app.begin_drain()
+        for name in ["", *app.service_names, CONTROL_SERVICE]:
+            await server.set_serving(name, False)
+        if heartbeat is not None:
+            await heartbeat.stop()  # deregisters: routers stop sending at once
+        deadline = time.monotonic() + self.config.drain_grace_s
+        while app.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if app.in_flight():
+            log.warning(
+                "%s: %d requests still running at the end of the grace period",
+                self.worker_id,
+                app.in_flight(),
+            )
+        await server.stop(grace_s=1.0)
+
+
+def _generate_id(role: WorkerRole) -> str:
+    return f"{role.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,108 @@
+"""Wiring of one decode (or colocated) worker process: engine, KV receiver, services.
+
+A decode worker runs a KV receiver that prefill workers send into; a colocated worker has
+none and prefills every request itself — the same ``Decode`` API over one engine, the
+baseline disaggregation is measured against. :class:`DecodeApp` is what
+:class:`~common.worker_runtime.WorkerRuntime` serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from common.grpc_server import AddServicerFn
+from common.kv_events import KVEvent
+from common.metrics import Metrics
+from common.worker_config import WorkerConfig
+from common.worker_info import WorkerRole
+from common.worker_runtime import WorkerSnapshot
+from decode_worker.decode import DecodePolicy, Decoder
+from decode_worker.prefill_client import PrefillClient
+from decode_worker.service import SERVICE_NAME, DecodeServicer
+from decode_worker.stats import DecodeStats
+from engine.async_engine import AsyncEngine, EngineStats
+from engine.llm_engine import LLMEngine
+from kv_transfer.interfaces import KVReceiver
+from proto import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodeApp:
+    """Build inside a running event loop (the engine thread posts results to it)."""
+
+    def __init__(self, config: WorkerConfig, worker_id: str, metrics: Metrics) -> None:
+        if config.role not in (WorkerRole.DECODE, WorkerRole.COLOCATED):
+            raise ValueError(f"a decode app cannot run role {config.role.value}")
+        self.role = config.role
+        engine = LLMEngine(config.engine)
+        self.geometry = engine.geometry()
+        self.engine = AsyncEngine(engine)
+        self.receiver: KVReceiver | None = None
+        if config.takes_transfers:
+            from kv_transfer.receiver import TorchDistReceiver
+
+            self.receiver = TorchDistReceiver(
+                engine.kv_cache, engine.model_config.name, config.kv_transfer
+            )
+        self.kv_address = str(self.receiver.address) if self.receiver is not None else None
+        self._prefill_client = PrefillClient()
+        self._stats = DecodeStats(metrics)
+        policy = DecodePolicy(
+            worker_id=worker_id,
+            prefill_timeout_s=config.prefill_timeout_s,
+            on_prefill_failure=config.on_prefill_failure,
+            layer_wise=config.layer_wise,
+        )
+        self.decoder = Decoder(
+            policy, self.engine, self.receiver, self._prefill_client, self._stats
+        )
+        self.services: Sequence[tuple[AddServicerFn, Any]] = [
+            (worker_pb2_grpc.add_DecodeWorkerServicer_to_server, DecodeServicer(self.decoder))
+        ]
+        self.service_names: Sequence[str] = [SERVICE_NAME]
+        self.engine.start()
+
+    def snapshot(self) -> WorkerSnapshot:
+        return self._snapshot(self.engine.stats)
+
+    async def status(self) -> WorkerSnapshot:
+        return self._snapshot(await self.engine.exact_stats())
+
+    def _snapshot(self, s: EngineStats) -> WorkerSnapshot:
+        prealloc, transfer = self.decoder.prealloc_depth, self.decoder.in_transfer
+        return WorkerSnapshot(
+            waiting=prealloc + transfer + s.waiting,
+            running=s.running,
+            free_blocks=s.free_blocks,
+            used_blocks=s.used_blocks,
+            cached_blocks=s.cached_blocks,
+            total_blocks=s.total_blocks,
+            in_flight_transfers=transfer,
+            queues={
+                "prealloc": prealloc,
+                "transfer": transfer,
+                "engine_waiting": s.waiting,
+                "running": s.running,
+            },
+            ttft_ms_recent=self._stats.ttft_window.mean_ms(),
+            itl_ms_recent=self._stats.itl_window.mean_ms(),
+        )
+
+    async def take_kv_events(self) -> list[KVEvent]:
+        # Drained even when nobody publishes them: the block manager's list is unbounded.
+        return await self.engine.call(lambda engine: engine.take_kv_events())
+
+    def begin_drain(self) -> None:
+        self.decoder.draining = True
+
+    def in_flight(self) -> int:
+        return self.decoder.active
+
+    async def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+        await self._prefill_client.close()
+        self.engine.stop()

@@ -1,0 +1,135 @@
+"""Shared machinery of the torch.distributed transport: the pair link and the monitor.
+
+The roles live in :mod:`kv_transfer.sender` (prefill side) and
+:mod:`kv_transfer.receiver` (decode side); rendezvous in :mod:`kv_transfer.rendezvous`;
+the frames they exchange in :mod:`kv_transfer.wire`.
+
+Threads of an endpoint: one per pair (all blocking send/recv of that pair happen there, in
+order — which is what orders transfers per pair), one monitor (deadlines and, on the
+sender, the receiver's abort flags), and on the receiver one acceptor (joins).
+
+Why failures tear the pair down: a gloo wait that times out poisons the whole context
+("Application timeout caused pair closure"), and neither ``abort()`` nor ``shutdown()``
+wakes a local waiter. So every wait has a bound (the transfer's deadline plus
+``grace_s``; ``idle_timeout_s`` between transfers), and the first error or timeout drops
+the group. Dropping it closes its sockets, which fails the peer's pending ops at once; the
+sender joins again for its next transfer, the receiver simply forgets the pair.
+Aborts, on the other hand, travel as frames (see :mod:`kv_transfer.wire`) and keep the
+pair alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from engine.kv_cache import KVCache
+from kv_transfer.errors import PeerLost, TransferError, TransferTimeout
+from kv_transfer.rendezvous import backend_for, destroy_group
+from kv_transfer.transfer import Transfer
+from kv_transfer.types import Handshake
+
+log = logging.getLogger(__name__)
+
+
+def handshake_for(cache: KVCache, model: str) -> Handshake:
+    layout = cache.layout
+    return Handshake(
+        model=model,
+        dtype=layout.dtype,
+        block_size=layout.block_size,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        backend=backend_for(cache.device),
+    )
+
+
+def classify(exc: BaseException, what: str) -> TransferError:
+    """Map a c10d/gloo/NCCL exception to the transfer failure it means."""
+    if isinstance(exc, TransferError):
+        return exc
+    lines = str(exc).strip().splitlines()
+    text = lines[0][:300] if lines else type(exc).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return TransferTimeout(f"{what}: {text}")
+    return PeerLost(f"{what}: {text}")
+
+
+def wire_timeout(transfer: Transfer, grace_s: float) -> float:
+    """How long the wire may still block for ``transfer``: its deadline (or the moment it
+    failed, if earlier) plus the grace the frames get to drain."""
+    end = transfer.deadline
+    if transfer.ended_at is not None:
+        end = min(end, transfer.ended_at)
+    return max(end + grace_s - time.monotonic(), 0.001)
+
+
+class Link:
+    """One side of a connected pair: the 2-rank group and framed, bounded send/recv."""
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, pair: int, peer: str) -> None:
+        self.group: dist.ProcessGroup | None = group
+        self.rank = rank
+        self.peer_rank = 1 - rank
+        self.pair = pair
+        self.peer = peer  # for messages
+
+    def isend(self, frame: torch.Tensor, tag: int) -> dist.Work:
+        try:  # posting fails too, once gloo has seen the connection drop
+            return self._group().send([frame], self.peer_rank, tag)
+        except RuntimeError as exc:
+            raise classify(exc, f"send to {self.peer}") from exc
+
+    def irecv(self, frame: torch.Tensor, tag: int) -> dist.Work:
+        try:
+            return self._group().recv([frame], self.peer_rank, tag)
+        except RuntimeError as exc:
+            raise classify(exc, f"recv from {self.peer}") from exc
+
+    def wait(self, work: dist.Work, timeout_s: float, what: str) -> None:
+        """Wait for one op; any failure means the link is unusable (the caller drops it)."""
+        try:
+            completed = work.wait(timedelta(seconds=max(timeout_s, 0.001)))
+        except RuntimeError as exc:
+            raise classify(exc, f"{what} with {self.peer}") from exc
+        if completed is False:
+            raise PeerLost(f"{what} with {self.peer}: operation aborted")
+
+    def close(self) -> None:
+        group, self.group = self.group, None
+        destroy_group(group)
+
+    def _group(self) -> dist.ProcessGroup:
+        if self.group is None:
+            raise PeerLost(f"pair with {self.peer} is closed")
+        return self.group
+
+
+class Monitor:
+    """Calls ``tick(now)`` every ``interval_s`` on a daemon thread until stopped."""
+
+    def __init__(self, interval_s: float, tick: Callable[[float], None], name: str) -> None:
+        self._interval_s = interval_s
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # a monitor that dies silently would strand every deadline
+                log.exception("kv transfer monitor tick failed")

@@ -1,0 +1,160 @@
+"""Plain values that cross the kv_transfer boundary: states, specs, handshake, config.
+
+Everything here is torch-free and immutable, so the workers can build specs from their
+gRPC messages and the router can reason about addresses without importing the transport.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+
+PROTOCOL_VERSION = 1
+
+
+class TransferState(Enum):
+    """PENDING → TRANSFERRING → DONE | FAILED; the last two are terminal."""
+
+    PENDING = "pending"  # registered / queued; no byte of it is on the wire yet
+    TRANSFERRING = "transferring"  # both sides agreed; frames are moving
+    DONE = "done"  # sender: the receiver confirmed landing; receiver: all blocks landed
+    FAILED = "failed"  # see ``Transfer.error`` for the cause
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED)
+
+
+class TransferMode(Enum):
+    WHOLE = "whole"  # all layers are computed when ``send`` is called
+    LAYERWISE = "layerwise"  # the sender marks each layer ready as the prefill computes it
+
+
+class Role(Enum):
+    SENDER = "sender"  # prefill side
+    RECEIVER = "receiver"  # decode side
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What two peers must agree on before any block moves between them."""
+
+    model: str  # model identity (name or checkpoint path); blocks of another model are garbage
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    backend: str = "gloo"  # gloo (CPU tensors) or nccl (CUDA tensors)
+    protocol: int = PROTOCOL_VERSION
+
+    def mismatches(self, other: Handshake, mine: str = "we", theirs: str = "peer") -> list[str]:
+        """Human-readable differences, ``[]`` when compatible."""
+        return [
+            f"{f.name}: {mine} {getattr(self, f.name)!r}, {theirs} {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Handshake:
+        return cls(**json.loads(data))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """Where a receiver listens for senders: host and port of its rendezvous store."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> PeerAddress:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {text!r}")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _check_blocks(block_ids: tuple[int, ...]) -> None:
+    if not block_ids:
+        raise ValueError("a transfer needs at least one block")
+    if len(set(block_ids)) != len(block_ids):
+        raise ValueError("block ids of one transfer must be distinct")
+    if min(block_ids) < 0:
+        raise ValueError("block ids must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SendSpec:
+    """Prefill side: ship ``block_ids`` of the local cache to ``peer`` as ``transfer_id``.
+
+    The i-th source block lands in the i-th destination block the receiver registered.
+    """
+
+    transfer_id: str
+    peer: PeerAddress
+    block_ids: tuple[int, ...]
+    mode: TransferMode = TransferMode.WHOLE
+    timeout_s: float | None = None  # None: the endpoint's TransferConfig.timeout_s
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_ids", tuple(int(b) for b in self.block_ids))
+        _check_blocks(self.block_ids)
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class RecvSpec:
+    """Decode side: land ``transfer_id`` into the reserved ``block_ids`` (in order)."""
+
+    transfer_id: str
+    block_ids: tuple[int, ...]
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_ids", tuple(int(b) for b in self.block_ids))
+        _check_blocks(self.block_ids)
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """Knobs of one transport endpoint (sender or receiver)."""
+
+    host: str = "127.0.0.1"  # local address: receiver's store and both sides' gloo device
+    port: int = 0  # receiver store port; 0 picks a free one
+    chunk_bytes: int = 4 << 20  # payload per frame; frames pipeline pack/send/land
+    # Frames in flight per pair: the receiver keeps this many receives posted (posting
+    # while gloo's IO thread streams into the pair stalls on the pair's lock, so posting
+    # well ahead keeps the wire busy), the sender this many sends. Costs depth * chunk_bytes
+    # of staging per pair and side.
+    pipeline_depth: int = 4
+    max_chunk_bytes: int = 256 << 20  # a receiver refuses senders that want larger frames
+    timeout_s: float = 30.0  # default deadline of a transfer, from send()/expect()
+    connect_timeout_s: float = 10.0  # store connection + group rendezvous
+    grace_s: float = 5.0  # after a transfer failed, how long its frames may still drain
+    poll_interval_s: float = 0.02  # deadline checks and peer-abort polling
+    idle_timeout_s: float = 24 * 3600.0  # a receiver pair waiting for the next transfer
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port out of range: {self.port}")
+        if not 0 < self.chunk_bytes <= self.max_chunk_bytes:
+            raise ValueError("need 0 < chunk_bytes <= max_chunk_bytes")
+        if not 2 <= self.pipeline_depth <= 64:
+            raise ValueError("pipeline_depth must be in [2, 64]")
+        for name in ("timeout_s", "connect_timeout_s", "grace_s", "poll_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be > 0")

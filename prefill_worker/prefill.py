@@ -1,0 +1,154 @@
+"""One Prefill request's life on a prefill worker.
+
+Queues, per request::
+
+    bootstrap  validated (prompt, block count, receiver address) and its KV send planned;
+               handed to the engine thread, which takes new requests between steps.
+    waiting    in the engine: queued FIFO for the per-step token budget and KV blocks,
+               then prefilled — batched with other prompts, in chunks if long, skipping
+               what the prefix cache already holds.
+    in flight  its last chunk is being computed: the KV send to the decode worker starts
+               (layer-wise: at the step's first layer, see :mod:`prefill_worker.sends`);
+               the first token is sampled; the RPC answers once the KV has landed.
+
+The engine keeps the prompt's blocks (``hold_blocks``) until the send is terminal, then
+they stay in the prefix cache, unreferenced, for the next prompt that shares the prefix.
+A cancelled RPC (the decode worker gave up or died) or a failed send frees them at once:
+the live transfer is aborted first, then the engine request — in that order, so no block
+is freed while the transport still reads it. That ordering is why the engine stream runs
+in its own task rather than in the (cancellable) handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+
+from common.worker_runtime import ErrorKind, LatencyWindow, RequestError
+from engine.async_engine import AsyncEngine
+from engine.outputs import StepOutput
+from engine.sampling_params import SamplingParams
+from kv_transfer.types import PeerAddress, TransferState
+from prefill_worker.sends import SendPlan, SendTracker
+from prefill_worker.stats import PrefillStats
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillJob:
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams  # samples the first token (max_tokens is ignored)
+    transfer_id: str
+    kv_address: str  # the decode worker's KV receiver, host:port
+    num_blocks: int
+    layer_wise: bool
+    deadline: float | None = None  # time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    first_token: int
+    cached_tokens: int
+    prompt_tokens: int
+    kv_bytes: int
+    transfer_seconds: float
+
+
+class Prefiller:
+    def __init__(self, engine: AsyncEngine, sends: SendTracker, stats: PrefillStats) -> None:
+        self.draining = False
+        self.active = 0
+        self.queued_tokens = 0  # prompt tokens accepted and not yet prefilled (for routers)
+        self.ttft_window = LatencyWindow()
+        self._engine = engine
+        self._sends = sends
+        self._stats = stats
+        self._ids = itertools.count()
+
+    async def run(self, job: PrefillJob) -> PrefillResult:
+        if self.draining:
+            raise RequestError(ErrorKind.UNAVAILABLE, "worker is draining")
+        peer = self._check(job)
+        started = time.monotonic()
+        rid = f"{job.request_id}#{next(self._ids)}"
+        plan = SendPlan(job.transfer_id, peer, job.num_blocks, job.layer_wise, job.deadline)
+        pending = self._sends.track(rid, plan)
+        first_only = dataclasses.replace(job.params, max_tokens=1)
+        compute = asyncio.create_task(self._compute(rid, job.prompt, first_only))
+        compute.add_done_callback(_retrieve)
+        self.active += 1
+        self.queued_tokens += len(job.prompt)
+        outcome = "cancelled"
+        try:
+            try:
+                first = await asyncio.shield(compute)
+            except ValueError as exc:  # the engine refused the prompt
+                raise RequestError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            finally:  # computed, failed or cancelled: no longer waiting for prefill
+                self.queued_tokens -= len(job.prompt)
+            self._stats.prefilled(time.monotonic() - started, first)
+            self.ttft_window.add(time.monotonic() - started)
+            transfer = pending.transfer
+            if transfer is None:
+                raise RequestError(ErrorKind.INTERNAL, pending.error or "no KV send started")
+            state = await pending.done
+            self._stats.transfer(transfer.metrics)
+            if state is not TransferState.DONE:
+                raise RequestError(ErrorKind.UNAVAILABLE, f"KV send failed: {transfer.error}")
+            m = transfer.metrics
+            outcome = "ok"
+            return PrefillResult(
+                first_token=first.new_token_ids[0],
+                cached_tokens=first.cached_tokens,
+                prompt_tokens=first.prompt_tokens,
+                kv_bytes=m.bytes if m else 0,
+                transfer_seconds=m.duration_s if m else 0.0,
+            )
+        except RequestError as exc:
+            outcome = exc.kind.value
+            raise
+        finally:
+            self._sends.close(pending)  # first: the transport lets go of the blocks
+            compute.cancel()  # then: an unfinished engine request is aborted
+            self.active -= 1
+            self._stats.finished(outcome)
+
+    def _check(self, job: PrefillJob) -> PeerAddress:
+        engine = self._engine.engine  # immutable facts only: safe off the engine thread
+        try:
+            engine.validate_prompt(list(job.prompt))
+            peer = PeerAddress.parse(job.kv_address)
+        except ValueError as exc:
+            raise RequestError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        if not job.transfer_id:
+            raise RequestError(ErrorKind.INVALID_ARGUMENT, "transfer_id is empty")
+        expected = engine.blocks_for_prompt(len(job.prompt))
+        if job.num_blocks != expected:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"{len(job.prompt)} prompt tokens fill {expected} blocks, "
+                f"{job.num_blocks} were reserved",
+            )
+        return peer
+
+    async def _compute(
+        self, rid: str, prompt: tuple[int, ...], params: SamplingParams
+    ) -> StepOutput:
+        stream = self._engine.generate(rid, list(prompt), params, hold_blocks=True)
+        last: StepOutput | None = None
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                last = out
+        if last is None or not last.new_token_ids:
+            raise RuntimeError(f"{rid}: the engine finished without a first token")
+        return last
+
+
+def _retrieve(task: asyncio.Task[StepOutput]) -> None:
+    # The handler may be gone (cancelled) when the task fails; do not log it as unretrieved.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,239 @@
+"""KV transfer between real OS processes over gloo on loopback.
+
+Peers are ``tests/integration/kv_peer.py`` processes with the default model's KV geometry
+(SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks). Blocks come
+from real BlockManagers and are freed only by the transfers' ``release`` callbacks, so
+``used == 0`` after each test means nothing was stranded on either side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.kv_peer import KVPeer
+
+MODEL = "SmolLM2-135M-Instruct"
+GEOMETRY = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16}
+BIG = {**GEOMETRY, "num_blocks": 300}  # room for a 4096-token prompt (256 blocks)
+SMALL = {**GEOMETRY, "num_blocks": 80}
+CONFIG = {"timeout_s": 20.0, "grace_s": 2.0, "connect_timeout_s": 15.0}
+STALL = 4  # layer-wise sends that stop after this many layers, to be interrupted
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Cluster:
+    r1: KVPeer
+    r2: KVPeer
+    s1: KVPeer
+    s2: KVPeer
+    addr1: str
+    addr2: str
+    log_dir: Path
+
+
+def _receiver(peer: KVPeer, layout: dict[str, int], **extra: Any) -> str:
+    reply = peer.call("init", role="receiver", model=MODEL, layout=layout, config=CONFIG, **extra)
+    return reply["address"]
+
+
+def _sender(peer: KVPeer, layout: dict[str, int], seed: int, **extra: Any) -> None:
+    peer.call("init", role="sender", model=MODEL, layout=layout, config=CONFIG, seed=seed, **extra)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    log_dir = tmp_path_factory.mktemp("kv_peers")
+    peers = {name: KVPeer(name, log_dir) for name in ("r1", "s1", "s2", "r2")}
+    try:
+        for peer in peers.values():
+            peer.ready()
+        addr1 = _receiver(peers["r1"], BIG)
+        addr2 = _receiver(peers["r2"], SMALL)
+        _sender(peers["s1"], BIG, seed=1)
+        _sender(peers["s2"], SMALL, seed=2)
+        yield Cluster(peers["r1"], peers["r2"], peers["s1"], peers["s2"], addr1, addr2, log_dir)
+    finally:
+        for peer in peers.values():
+            peer.stop()
+
+
+def _start(
+    sender: KVPeer,
+    receiver: KVPeer,
+    address: str,
+    tid: str,
+    blocks: int,
+    mode: str = "whole",
+    **send: Any,
+) -> str:
+    receiver.call("expect", tid=tid, blocks=blocks)
+    return sender.call("send", tid=tid, address=address, blocks=blocks, mode=mode, **send)["digest"]
+
+
+def _wait(peer: KVPeer, tid: str, timeout: float = 30) -> dict[str, Any]:
+    return peer.call("wait", tid=tid, timeout=timeout, timeout_s=timeout + 10)
+
+
+def _until_mid_transfer(receiver: KVPeer, tid: str, layers: int = STALL) -> None:
+    """Wait until the receiver has landed ``layers`` layers of a stalled layer-wise send."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        reply = receiver.call("state", tid=tid)
+        assert reply["state"] in ("pending", "transferring"), reply
+        if reply["layers"] >= layers:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{tid} never got {layers} layers across")
+
+
+def _assert_no_leaks(*peers: KVPeer) -> None:
+    for peer in peers:
+        reply = peer.call("used")
+        assert reply["used"] == 0, f"{peer.name} still holds {reply['used']} blocks"
+        assert reply["clean"], f"{peer.name} wrote outside a transfer's blocks"
+
+
+def _transfer_ok(
+    sender: KVPeer,
+    receiver: KVPeer,
+    address: str,
+    tid: str,
+    blocks: int,
+    mode: str = "whole",
+    **send: Any,
+) -> None:
+    digest = _start(sender, receiver, address, tid, blocks, mode, **send)
+    sent, landed = _wait(sender, tid), _wait(receiver, tid)
+    assert sent["state"] == "done", sent
+    assert landed["state"] == "done", landed
+    assert landed["digest"] == digest  # bit-exact, in different block ids
+    assert landed["layers"] == GEOMETRY["num_layers"]
+
+
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+@pytest.mark.parametrize("tokens", [16, 128, 1000, 4096])
+def test_kv_lands_bit_exact(cluster: Cluster, tokens: int, mode: str) -> None:
+    blocks = -(-tokens // GEOMETRY["block_size"])
+    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, f"exact-{tokens}-{mode}", blocks, mode)
+    _assert_no_leaks(cluster.s1, cluster.r1)
+
+
+def test_two_senders_into_one_receiver(cluster: Cluster) -> None:
+    d1 = _start(
+        cluster.s1, cluster.r1, cluster.addr1, "fan-in-1", 63, "layerwise", layer_delay_s=0.005
+    )
+    d2 = _start(cluster.s2, cluster.r1, cluster.addr1, "fan-in-2", 40)
+    for sender, tid, digest in ((cluster.s1, "fan-in-1", d1), (cluster.s2, "fan-in-2", d2)):
+        assert _wait(sender, tid)["state"] == "done"
+        assert _wait(cluster.r1, tid)["digest"] == digest
+    _assert_no_leaks(cluster.s1, cluster.s2, cluster.r1)
+
+
+def test_one_sender_to_two_receivers(cluster: Cluster) -> None:
+    d1 = _start(cluster.s1, cluster.r1, cluster.addr1, "fan-out-1", 50, "layerwise")
+    d2 = _start(cluster.s1, cluster.r2, cluster.addr2, "fan-out-2", 30)
+    for receiver, tid, digest in ((cluster.r1, "fan-out-1", d1), (cluster.r2, "fan-out-2", d2)):
+        assert _wait(cluster.s1, tid)["state"] == "done"
+        assert _wait(receiver, tid)["digest"] == digest
+    _assert_no_leaks(cluster.s1, cluster.r1, cluster.r2)
+
+
+def test_transfers_on_one_pair_stay_ordered(cluster: Cluster) -> None:
+    tids = [f"order-{i}" for i in range(5)]
+    for i, tid in enumerate(tids):
+        _start(cluster.s2, cluster.r2, cluster.addr2, tid, 3 + i)
+    ended = []
+    for tid in tids:
+        assert _wait(cluster.s2, tid)["state"] == "done"
+        landed = _wait(cluster.r2, tid)
+        assert landed["state"] == "done"
+        ended.append(landed["ended_at"])
+    assert ended == sorted(ended)  # landed in submission order
+    _assert_no_leaks(cluster.s2, cluster.r2)
+
+
+@pytest.mark.parametrize("side", ["sender", "receiver"])
+def test_abort_mid_transfer_frees_both_sides(cluster: Cluster, side: str) -> None:
+    tid = f"abort-{side}"
+    _start(cluster.s1, cluster.r1, cluster.addr1, tid, 64, "layerwise", layers=STALL)
+    _until_mid_transfer(cluster.r1, tid)  # the first layers landed, the rest never come
+    aborter, other = (cluster.s1, cluster.r1) if side == "sender" else (cluster.r1, cluster.s1)
+    started = time.monotonic()
+    assert aborter.call("abort", tid=tid)["aborted"]
+    mine, theirs = _wait(aborter, tid, 5), _wait(other, tid, 5)
+    assert time.monotonic() - started < 3
+    assert mine["state"] == theirs["state"] == "failed"
+    assert mine["kind"] == "aborted" and not mine["by_peer"]
+    assert theirs["kind"] == "aborted" and theirs["by_peer"], theirs
+    _assert_no_leaks(cluster.s1, cluster.r1)
+    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, f"after-{tid}", 8)  # pair still works
+
+
+def test_incompatible_peer_is_refused(cluster: Cluster) -> None:
+    _sender(cluster.s2, {**SMALL, "block_size": 32}, seed=3, endpoint="bad")
+    cluster.r1.call("expect", tid="bad-1", blocks=2, timeout_s=3)
+    cluster.s2.call("send", endpoint="bad", tid="bad-1", address=cluster.addr1, blocks=2)
+    reply = cluster.s2.call("wait", endpoint="bad", tid="bad-1", timeout=20)
+    assert reply["state"] == "failed" and reply["kind"] == "incompatible"
+    assert "block_size: receiver 16, sender 32" in reply["error"]
+    assert _wait(cluster.r1, "bad-1")["kind"] == "timeout"  # nobody else will send it
+    assert cluster.s2.call("used", endpoint="bad")["used"] == 0
+    _assert_no_leaks(cluster.r1)
+
+
+def test_unknown_transfer_is_rejected_and_pending_one_times_out(cluster: Cluster) -> None:
+    cluster.s2.call("send", tid="nobody-expects", address=cluster.addr2, blocks=2)
+    reply = _wait(cluster.s2, "nobody-expects")
+    assert reply["state"] == "failed" and reply["kind"] == "rejected"
+    assert "unknown_transfer" in reply["error"]
+    cluster.r2.call("expect", tid="never-sent", blocks=3, timeout_s=0.5)
+    reply = _wait(cluster.r2, "never-sent")
+    assert reply["kind"] == "timeout" and reply["seconds"] < 2
+    _assert_no_leaks(cluster.s2, cluster.r2)
+
+
+def test_killed_sender_fails_the_receiver_and_a_restarted_one_works(cluster: Cluster) -> None:
+    doomed = KVPeer("doomed-sender", cluster.log_dir).ready()
+    try:
+        _sender(doomed, SMALL, seed=5)
+        _start(doomed, cluster.r1, cluster.addr1, "killed-sender", 40, "layerwise", layers=STALL)
+        _until_mid_transfer(cluster.r1, "killed-sender")
+        doomed.kill()
+        reply = _wait(cluster.r1, "killed-sender")
+        assert reply["state"] == "failed" and reply["kind"] == "peer_lost", reply
+        assert reply["seconds"] < CONFIG["timeout_s"]
+        _assert_no_leaks(cluster.r1)
+    finally:
+        doomed.stop()
+    restarted = KVPeer("restarted-sender", cluster.log_dir).ready()
+    try:
+        _sender(restarted, SMALL, seed=6)
+        _transfer_ok(restarted, cluster.r1, cluster.addr1, "restarted", 40, "layerwise")
+        _assert_no_leaks(restarted, cluster.r1)
+    finally:
+        restarted.stop()
+
+
+def test_killed_receiver_fails_the_sender_cleanly(cluster: Cluster) -> None:
+    doomed = KVPeer("doomed-receiver", cluster.log_dir).ready()
+    try:
+        address = _receiver(doomed, SMALL)
+        _start(cluster.s1, doomed, address, "killed-receiver", 40, "layerwise", layers=STALL)
+        _until_mid_transfer(doomed, "killed-receiver")
+        doomed.kill()
+        started = time.monotonic()
+        reply = _wait(cluster.s1, "killed-receiver")
+        assert reply["state"] == "failed" and reply["kind"] == "peer_lost", reply
+        assert time.monotonic() - started < CONFIG["timeout_s"]
+        _assert_no_leaks(cluster.s1)
+    finally:
+        doomed.stop()
+    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, "after-dead-receiver", 10)
