@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GLOO_SOCKET_IFNAME := lo
 export PDSERVE_CACHE_DIR ?= $(CURDIR)/.cache
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: setup serve test lint bench proto clean redis model
 
