@@ -185,9 +185,12 @@ class Acceptor:
                 log.exception("join %d failed", pair)
 
     def _answer(self, hello: dict[str, Any], pair: int) -> None:
-        theirs = Handshake(**hello["handshake"])
-        problems = self._handshake.mismatches(theirs, "receiver", "sender")
-        if problems:
+        try:
+            theirs = Handshake(**hello["handshake"])
+            problems = self._handshake.mismatches(theirs, "receiver", "sender")
+        except TypeError as exc:  # another protocol version's fields
+            theirs, problems = None, [f"unreadable handshake ({exc})"]
+        if problems or theirs is None:
             error: str | None = "incompatible KV peer: " + "; ".join(problems)
         else:
             error = self._on_join(pair, hello["name"], theirs)

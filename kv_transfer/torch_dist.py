@@ -1,7 +1,8 @@
 """Shared machinery of the torch.distributed transport: the pair link and the monitor.
 
-The roles live in :mod:`kv_transfer.sender` (prefill side) and
-:mod:`kv_transfer.receiver` (decode side); rendezvous in :mod:`kv_transfer.rendezvous`;
+The roles live in :mod:`kv_transfer.sender` / :mod:`kv_transfer.send_pair` (prefill side)
+and :mod:`kv_transfer.receiver` / :mod:`kv_transfer.recv_pair` /
+:mod:`kv_transfer.expected` (decode side); rendezvous in :mod:`kv_transfer.rendezvous`;
 the frames they exchange in :mod:`kv_transfer.wire`.
 
 Threads of an endpoint: one per pair (all blocking send/recv of that pair happen there, in
@@ -57,6 +58,8 @@ def classify(exc: BaseException, what: str) -> TransferError:
         return exc
     lines = str(exc).strip().splitlines()
     text = lines[0][:300] if lines else type(exc).__name__
+    if not isinstance(exc, RuntimeError):  # not from the comm layer: a bug, say so
+        return TransferError(f"{what}: {type(exc).__name__}: {text}")
     if "timed out" in text.lower() or "timeout" in text.lower():
         return TransferTimeout(f"{what}: {text}")
     return PeerLost(f"{what}: {text}")

@@ -1,0 +1,328 @@
+"""The sender's half of one (sender, receiver) pair: a FIFO of transfers and its thread.
+
+A transfer's life here, per receiver pair (one thread each, FIFO — so transfers to one
+receiver are ordered):
+
+    queued → connecting (join on first use or after a teardown) → BEGIN/ACCEPT
+           → streaming (frame by frame; layer-wise waits for each layer to be marked ready)
+           → RESULT → done | failed
+
+Packing a chunk overlaps sending the previous ones (``pipeline_depth`` staging frames).
+Failure handling:
+
+* ``abort()`` / deadline / ``close()`` make the transfer terminal at once (its ``release``
+  runs); the pair thread notices at the next frame and sends ABORT frames, so the
+  receiver fails its side too and the pair stays usable.
+* The receiver's abort or timeout reaches us as a store flag that the monitor polls.
+* A broken or timed-out connection fails the transfer in flight and drops the pair; the
+  next transfer joins again (a restarted receiver is just a new join). A pair that fails
+  before ACCEPT on a reused link is retried once on a fresh one: the receiver may have
+  dropped an idle pair, and nothing of this transfer was accepted yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from engine.kv_cache import KVCache
+from kv_transfer.errors import PeerLost, ProtocolError, TransferAborted, TransferError
+from kv_transfer.packing import Staging, block_index, layer_block_bytes, pack
+from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
+from kv_transfer.torch_dist import Link, classify, wire_timeout
+from kv_transfer.transfer import SendTransfer
+from kv_transfer.types import Handshake, PeerAddress, TransferConfig, TransferMode
+from kv_transfer.wire import (
+    MODE_CODES,
+    TAG_CTRL,
+    TAG_DATA,
+    Chunk,
+    Header,
+    Kind,
+    Reason,
+    error_reason,
+    plan_chunks,
+    reason_error,
+    transfer_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SenderPair:
+    """The sender's half of one pair: a FIFO of transfers and the thread that runs them."""
+
+    def __init__(
+        self,
+        address: PeerAddress,
+        cache: KVCache,
+        handshake: Handshake,
+        config: TransferConfig,
+        name: str,
+    ) -> None:
+        self.address = address
+        self._cache = cache
+        self._handshake = handshake
+        self._config = config
+        self._name = name
+        self._layer_block_bytes = layer_block_bytes(cache.layout)
+        self._depth = config.pipeline_depth
+        self._staging = Staging(cache.device, slots=self._depth)
+        self._peer_depth = 2  # the receiver's, from its last ACCEPT
+        self._cond = threading.Condition()
+        self._queue: deque[SendTransfer] = deque()
+        self._current: SendTransfer | None = None
+        self._accepted = False  # the receiver accepted _current: its abort flag may appear
+        self._closing = False
+        self._link: Link | None = None
+        self._rendezvous: dist.TCPStore | None = None  # the group's store client
+        self._control: dist.TCPStore | None = None  # monitor-only client (flags)
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{address}", daemon=True)
+        self._thread.start()
+
+    # ---- called from other threads -----------------------------------------------------
+
+    def submit(self, transfer: SendTransfer) -> None:
+        with self._cond:
+            self._queue.append(transfer)
+            self._cond.notify_all()
+
+    def tick(self, now: float) -> None:
+        with self._cond:
+            live = [*self._queue, *([self._current] if self._current else [])]
+            polled = self._current if self._accepted else None
+            control = self._control
+        for transfer in live:
+            transfer._expire(now)
+        if polled is None or control is None or polled.state.terminal:
+            return
+        flag = f"abort/{transfer_key(polled.transfer_id)}"
+        try:
+            if control.check([flag]):
+                code = int(control.get(flag))
+                polled._fail(reason_error(code, polled.transfer_id, f"receiver {self.address}"))
+        except RuntimeError as exc:
+            # The receiver hosts the store: losing it means losing the receiver. Without
+            # this a layer-wise send that waits for the prefill would only notice at its
+            # deadline, because no gloo op is pending on its side.
+            polled._fail(PeerLost(f"{polled.transfer_id}: receiver {self.address} gone: {exc}"))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            doomed = [*self._queue, *([self._current] if self._current else [])]
+            self._cond.notify_all()
+        for transfer in doomed:
+            transfer._fail(TransferAborted(f"{transfer.transfer_id}: sender closed"))
+        self._thread.join(timeout=self._config.grace_s + 1)
+
+    # ---- pair thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closing:
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    transfer = self._current = self._queue.popleft()
+                try:
+                    if transfer._start():
+                        self._transfer(transfer)
+                    else:
+                        self._cancel(transfer)
+                except Exception as exc:  # a bug must not strand the transfer or the pair
+                    log.exception("send of %s crashed", transfer.transfer_id)
+                    transfer._fail(classify(exc, "send"))
+                    self._teardown()
+                finally:
+                    with self._cond:
+                        self._current, self._accepted = None, False
+        finally:
+            self._teardown()
+
+    def _transfer(self, transfer: SendTransfer) -> None:
+        for attempt in range(2):
+            reused = self._link is not None
+            try:
+                link = self._connect(transfer)
+                accepted = self._begin(link, transfer)
+            except PeerLost as exc:
+                self._teardown()
+                if attempt == 0 and reused and not transfer.state.terminal:
+                    log.info("stale pair to %s (%s); joining again", self.address, exc)
+                    continue
+                transfer._fail(exc)
+                return
+            except TransferError as exc:
+                self._teardown()
+                transfer._fail(exc)
+                return
+            break
+        if not accepted:
+            return
+        with self._cond:
+            self._accepted = True
+        try:
+            self._stream(link, transfer)
+        except TransferError as exc:
+            self._teardown()
+            transfer._fail(exc)
+
+    def _connect(self, transfer: SendTransfer) -> Link:
+        if self._link is not None:
+            return self._link
+        remaining = max(transfer.deadline - time.monotonic(), 0.05)
+        timeout = min(self._config.connect_timeout_s, remaining)
+        rendezvous = connect_store(self.address, timeout)
+        pair = request_join(rendezvous, self._name, self._handshake, self.address, timeout)
+        try:
+            group = new_pair_group(
+                rendezvous, pair, 1, self._cache.device, self._config.host, timeout
+            )
+        except RuntimeError as exc:
+            raise classify(exc, f"group with receiver {self.address}") from exc
+        control = connect_store(self.address, timeout)
+        self._link = Link(group, 1, pair, f"receiver {self.address}")
+        self._rendezvous, self._seq = rendezvous, 0
+        with self._cond:
+            self._control = control
+        return self._link
+
+    def _begin(self, link: Link, transfer: SendTransfer) -> bool:
+        """BEGIN → ACCEPT | REJECT; False (and the transfer failed) on REJECT."""
+        self._seq += 1
+        staging, grace = self._staging, self._config.grace_s
+        reply = link.irecv(staging.rx_control, TAG_CTRL)  # posted first: R never waits on us
+        Header(
+            Kind.BEGIN,
+            transfer_key(transfer.transfer_id),
+            self._seq,
+            num_blocks=len(transfer.block_ids),
+            code=MODE_CODES[transfer.mode],
+            value=self._config.chunk_bytes,
+        ).write(staging.tx_control)
+        begin = link.isend(staging.tx_control, TAG_CTRL)
+        link.wait(reply, wire_timeout(transfer, grace), "ACCEPT")
+        link.wait(begin, wire_timeout(transfer, grace), "BEGIN")  # delivered, if answered
+        header = self._expect(transfer, (Kind.ACCEPT, Kind.REJECT))
+        if header.kind is Kind.REJECT:
+            transfer._fail(reason_error(header.code, transfer.transfer_id, link.peer))
+            return False
+        self._peer_depth = max(1, header.value)
+        return True
+
+    def _stream(self, link: Link, transfer: SendTransfer) -> None:
+        layout = self._cache.layout
+        plan = plan_chunks(
+            len(transfer.block_ids),
+            layout.num_layers,
+            self._layer_block_bytes,
+            transfer.mode,
+            self._config.chunk_bytes,
+        )
+        ids = block_index(transfer.block_ids, self._cache.device)
+        result = link.irecv(self._staging.rx_control, TAG_CTRL)
+        sends: list[dist.Work | None] = [None] * self._depth
+        for chunk in plan:
+            slot = chunk.index % self._depth
+            self._drain(link, transfer, sends, slot)
+            frame = self._staging.frame(slot, chunk.nbytes(self._layer_block_bytes))
+            nbytes = self._fill(transfer, ids, chunk, frame)
+            if nbytes is None:  # ended (abort, timeout, peer's abort): tell the receiver
+                self._send_abort(link, transfer, plan, chunk.index, sends)
+                break
+            sends[slot] = link.isend(frame, TAG_DATA)
+            transfer._progress(nbytes, chunk.layers_complete(len(transfer.block_ids)))
+        for slot in range(self._depth):
+            self._drain(link, transfer, sends, slot)
+        link.wait(result, wire_timeout(transfer, self._config.grace_s), "RESULT")
+        header = self._expect(transfer, (Kind.RESULT,))
+        if header.code == Reason.OK:
+            transfer._succeed()
+        else:
+            transfer._fail(reason_error(header.code, transfer.transfer_id, link.peer))
+
+    def _fill(
+        self, transfer: SendTransfer, ids: torch.Tensor, chunk: Chunk, frame: torch.Tensor
+    ) -> int | None:
+        """Pack the chunk into ``frame``; None if the transfer ended first."""
+        if transfer.mode is TransferMode.LAYERWISE:
+            while not transfer._wait_layers(
+                chunk.layer_stop, max(transfer.deadline - time.monotonic(), 0.0) + 0.01
+            ):
+                if transfer.state.terminal:
+                    return None
+                transfer._expire(time.monotonic())
+        with transfer._touching_blocks() as live:
+            if not live:
+                return None
+            nbytes = pack(self._cache, ids, chunk, frame)
+        Header(
+            Kind.DATA, transfer_key(transfer.transfer_id), self._seq, chunk.index, value=nbytes
+        ).write(frame)
+        return nbytes
+
+    def _send_abort(
+        self,
+        link: Link,
+        transfer: SendTransfer,
+        plan: tuple[Chunk, ...],
+        index: int,
+        sends: list[dist.Work | None],
+    ) -> None:
+        """ABORT(index) plus the filler ABORTs for the frames the receiver has posted."""
+        code = error_reason(transfer.error)
+        key = transfer_key(transfer.transfer_id)
+        for i in range(index, min(index + self._peer_depth, len(plan))):
+            slot = i % self._depth
+            self._drain(link, transfer, sends, slot)
+            frame = self._staging.frame(slot, plan[i].nbytes(self._layer_block_bytes))
+            Header(Kind.ABORT, key, self._seq, i, code=code).write(frame)
+            sends[slot] = link.isend(frame, TAG_DATA)
+
+    def _drain(
+        self, link: Link, transfer: SendTransfer, sends: list[dist.Work | None], slot: int
+    ) -> None:
+        work, sends[slot] = sends[slot], None
+        if work is not None:
+            link.wait(work, wire_timeout(transfer, self._config.grace_s), "DATA")
+
+    def _expect(self, transfer: SendTransfer, kinds: tuple[Kind, ...]) -> Header:
+        header = Header.read(self._staging.rx_control)
+        key = transfer_key(transfer.transfer_id)
+        if header.kind not in kinds or header.key != key or header.seq != self._seq:
+            raise ProtocolError(
+                f"{transfer.transfer_id}: expected {[k.name for k in kinds]} for seq "
+                f"{self._seq}, got {header.kind.name} seq {header.seq}"
+            )
+        return header
+
+    def _cancel(self, transfer: SendTransfer) -> None:
+        """Tell the receiver to stop waiting for a transfer that never started here."""
+        link = self._link
+        if link is None:
+            return
+        key = transfer_key(transfer.transfer_id)
+        Header(Kind.CANCEL, key, self._seq, code=error_reason(transfer.error)).write(
+            self._staging.tx_control
+        )
+        try:
+            work = link.isend(self._staging.tx_control, TAG_CTRL)
+            link.wait(work, self._config.grace_s, "CANCEL")
+        except TransferError:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        link, self._link, self._rendezvous = self._link, None, None
+        with self._cond:
+            self._control = None
+        if link is not None:
+            link.close()
