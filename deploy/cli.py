@@ -1,14 +1,18 @@
 """The ``pdserve`` command line.
 
-Today: ``pdserve generate`` runs the engine in this process (offline, on the default model
-unless ``--model`` names a local checkpoint). ``pdserve up`` will start the Ray cluster once
-the serving layers land; until then it says so and exits non-zero.
+``pdserve up`` starts the serving cluster (local Ray on 127.0.0.1 + a private Redis, or an
+existing cluster with ``--address``) and serves until Ctrl-C; ``pdserve status`` shows its
+pools and workers; ``pdserve check`` validates a Serve config offline (Serve's schema and
+pdserve's own checks); ``pdserve generate`` runs the engine in this process (offline, on the
+default model unless ``--model`` names a local checkpoint). The logic lives in the deploy
+modules; this file only parses arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from common import env
 
@@ -23,8 +27,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    up = commands.add_parser("up", help="start the local serving cluster")
+    up = commands.add_parser("up", help="start the serving cluster; Ctrl-C stops it")
+    up.add_argument("--config", type=Path, default=None, help="Serve config (deploy/serve.yaml)")
+    up.add_argument("--address", help="existing Ray cluster (e.g. auto); default: local Ray")
+    up.add_argument("--redis-url", help="registry Redis; default: a private redis-server")
+    up.add_argument("--port", type=int, default=None, help="router gRPC port (default 50051)")
+    up.add_argument("--num-cpus", type=int, default=None, help="local Ray's CPUs")
     up.set_defaults(handler=_up)
+
+    status = commands.add_parser("status", help="pools, replicas and worker load")
+    status.add_argument("--address", help="Ray cluster; default: `pdserve up`'s, else auto")
+    status.add_argument("--redis-url", default=None, help="registry Redis (default: the app's)")
+    status.add_argument("--app", default=None, help="Serve application name (default pdserve)")
+    status.set_defaults(handler=_status)
+
+    check = commands.add_parser("check", help="validate a Serve config offline")
+    check.add_argument("--config", type=Path, default=None, help="default: deploy/serve.yaml")
+    check.set_defaults(handler=_check)
 
     generate = commands.add_parser("generate", help="generate text in-process (offline)")
     generate.add_argument("prompt")
@@ -37,12 +56,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
-    print(
-        "pdserve up: no cluster yet — the Ray deployment is not built in this version.\n"
-        "Try the engine offline: pdserve generate 'The capital of France is'",
-        file=sys.stderr,
+    from deploy.serve_config import DEFAULT_CONFIG
+    from deploy.up import UpOptions, run
+
+    options = UpOptions(
+        config=args.config or DEFAULT_CONFIG,
+        address=args.address,
+        redis_url=args.redis_url,
+        port=args.port,
+        num_cpus=args.num_cpus,
     )
-    return 1
+    return run(options)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from deploy.status import run
+
+    return run(address=args.address, redis_url=args.redis_url, app=args.app)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from deploy.serve_config import DEFAULT_CONFIG, ServeConfig
+
+    path = args.config or DEFAULT_CONFIG
+    try:
+        config = ServeConfig.load(path)
+    except (OSError, ValueError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok\n{config.describe()}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -27,7 +27,8 @@ class PrefillSpan:
 
 @dataclass(slots=True)
 class DecodeBatch:
-    num_rows: int  # rows [0, num_rows) of the batch are single-token decodes
+    row_start: int  # rows [row_start, row_start + num_rows) are single-token decodes
+    num_rows: int
     slots: torch.Tensor  # (rows, max_context) cache slot per position, 0-padded
     mask: torch.Tensor  # (rows, 1, 1, max_context) True where the position is real
     block_tables: torch.Tensor  # (rows, max_blocks) int32, for the Triton kernel
@@ -37,7 +38,7 @@ class DecodeBatch:
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) where each new token's K/V goes
-    decode: DecodeBatch | None
+    decode: list[DecodeBatch]  # decode rows in groups of similar context length
     prefills: list[PrefillSpan]
 
 
@@ -66,12 +67,12 @@ def paged_attention(
     """Write this step's K/V into the cache, then attend. Shapes: q ``(T, H, D)``,
     k/v ``(T, KVH, D)``, caches ``(num_blocks, block_size, KVH, D)``; returns ``(T, H, D)``."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    if meta.decode is not None and not meta.prefills:
-        return _decode(q, k_cache, v_cache, meta.decode, scale)
+    if len(meta.decode) == 1 and not meta.prefills:
+        return _decode(q, k_cache, v_cache, meta.decode[0], scale)
     out = torch.empty_like(q)
-    if meta.decode is not None:
-        rows = meta.decode.num_rows
-        out[:rows] = _decode(q[:rows], k_cache, v_cache, meta.decode, scale)
+    for group in meta.decode:
+        rows = slice(group.row_start, group.row_start + group.num_rows)
+        out[rows] = _decode(q[rows], k_cache, v_cache, group, scale)
     for span in meta.prefills:
         end = span.query_start + span.query_len
         out[span.query_start : end] = _prefill(

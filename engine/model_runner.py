@@ -1,7 +1,9 @@
 """The only code that touches the device: builds a step's tensors, runs the model, samples.
 
 A step's chunks are laid out decode rows first (one token each), then prefill chunks, so
-attention can treat the decode rows as one padded batch. Logits are computed only for the
+attention can treat the decode rows as padded batches. Decode rows are sorted by context
+length and cut into groups whose padding stays bounded, so one long context does not make
+every row of the step pay for its length. Logits are computed only for the
 chunks that end on the last known token of their sequence (``samples``).
 """
 
@@ -52,7 +54,7 @@ class ModelRunner:
         return dict(zip(ids, tokens, strict=True))
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepBatch:
-        decodes = [c for c in chunks if c.num_tokens == 1]
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.start)
         prefills = [c for c in chunks if c.num_tokens > 1]
         ordered = decodes + prefills
         input_ids: list[int] = []
@@ -66,7 +68,7 @@ class ModelRunner:
         position_tensor = self._tensor(positions)
         meta = AttentionMetadata(
             slot_mapping=self._slot_mapping(ordered, position_tensor),
-            decode=self._decode_batch(decodes) if decodes else None,
+            decode=self._decode_batches(decodes),
             prefills=self._prefill_spans(prefills, start_row=len(decodes)),
         )
         return StepBatch(
@@ -105,13 +107,28 @@ class ModelRunner:
             offset += chunk.num_tokens
         return torch.cat(per_chunk)
 
-    def _decode_batch(self, decodes: list[ScheduledChunk]) -> DecodeBatch:
+    def _decode_batches(self, decodes: list[ScheduledChunk]) -> list[DecodeBatch]:
+        """Groups of rows (sorted by context) whose longest context is at most twice the
+        shortest (plus a block), so padding at most doubles a group's attention work."""
+        batches: list[DecodeBatch] = []
+        start = 0
+        for end in range(1, len(decodes) + 1):
+            if (
+                end == len(decodes)
+                or decodes[end].start > 2 * decodes[start].start + self.block_size
+            ):
+                batches.append(self._decode_batch(decodes[start:end], row_start=start))
+                start = end
+        return batches
+
+    def _decode_batch(self, decodes: list[ScheduledChunk], row_start: int) -> DecodeBatch:
         context_lens = [c.start + 1 for c in decodes]
         longest = max(context_lens)
         tables = self._block_tables(decodes, longest)
         span = torch.arange(longest, device=self.device).unsqueeze(0)
         lens = self._tensor(context_lens)
         return DecodeBatch(
+            row_start=row_start,
             num_rows=len(decodes),
             slots=self._slots(tables, span),
             mask=(span < lens.unsqueeze(1)).view(len(decodes), 1, 1, longest),

@@ -1,0 +1,258 @@
+"""``pdserve up``: start (or join) a Ray cluster, deploy serve.yaml, serve until a signal.
+
+Lifecycle of :class:`Up`::
+
+    start   config     serve.yaml checked (deploy.serve_config), --redis-url / --port applied
+            redis      a private redis-server on 127.0.0.1 (local runs without --redis-url)
+            ray        local: a new Ray node on 127.0.0.1, no dashboard (deploy.local_ray);
+                       --address: connect to that cluster
+            serve      Serve's controller with the file's proxy options, then the file's
+                       applications — the same call `serve run serve.yaml` makes
+            ready      the app RUNNING (every replica constructed: workers registered and
+                       SERVING), the router's gRPC health SERVING → one line on stdout:
+                       "serving gRPC on HOST:PORT"
+    stop    (SIGINT / SIGTERM)  the app is deleted — every replica drains — then, if we
+            started them, Serve, Ray and Redis stop. A second signal skips the drain.
+
+A small state file (``$PDSERVE_CACHE_DIR/pdserve-up.json``) tells ``pdserve status`` where
+the running cluster is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from common import env
+from common.grpc_server import wait_healthy
+from deploy.local_ray import connect, init_local, pin_to_loopback
+from deploy.redis_process import RedisProcess
+from deploy.serve_config import DEFAULT_CONFIG, ServeConfig
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    config: Path = DEFAULT_CONFIG
+    address: str | None = None  # None: start a local Ray node on 127.0.0.1
+    redis_url: str | None = None  # None: private redis-server (local), else args / env
+    port: int | None = None  # the router's gRPC port (None: the config's)
+    num_cpus: int | None = None  # local Ray's CPUs (None: this machine's)
+    ready_timeout_s: float = 600.0
+
+
+def state_file() -> Path:
+    return env.cache_dir() / "pdserve-up.json"
+
+
+class Up:
+    def __init__(self, options: UpOptions, err: TextIO = sys.stderr) -> None:
+        self.options = options
+        self.err = err
+        self.endpoint: str | None = None
+        self._redis: RedisProcess | None = None
+        self._owns_ray = False
+        self._app: str | None = None
+        self._overrides: dict[str, Any] = {}  # what start() resolved: redis_url, router port
+
+    def start(self) -> str:
+        """Everything up and healthy; returns the router's gRPC endpoint."""
+        opts = self.options
+        if opts.address is None:
+            pin_to_loopback()  # before anything imports ray (the config check does)
+        config = ServeConfig.load(opts.config)
+        redis_url = opts.redis_url or config.args.redis_url
+        if opts.address is None and redis_url is None:
+            self._redis = RedisProcess().start()
+            redis_url = self._redis.url
+        redis_url = redis_url or env.redis_url()
+        if redis_url is None:
+            raise ValueError("on an existing cluster, give --redis-url (or $PDSERVE_REDIS_URL)")
+        self._overrides = {"redis_url": redis_url, "router_port": opts.port}
+        config = config.with_args(config.args.with_overrides(**self._overrides))
+        self._app = config.app_name
+
+        if opts.address is None:
+            # Logical CPUs: at least what the app's smallest shape needs, so a 1-core box
+            # oversubscribes instead of waiting forever for a CPU that never comes.
+            gcs = init_local(opts.num_cpus or max(os.cpu_count() or 1, config.min_cpus()))
+            self._owns_ray = True
+        else:
+            gcs = connect(opts.address)
+        self._say(f"ray {gcs} · redis {redis_url} · app {self._app}")
+
+        _deploy(config)
+        self.endpoint = self._wait_ready(config.app_name, opts.ready_timeout_s)
+        _write_state({"pid": os.getpid(), "ray_address": gcs, "redis_url": redis_url,
+                      "grpc": self.endpoint, "app": self._app})  # fmt: skip
+        return self.endpoint
+
+    def apply(self, config: ServeConfig) -> None:
+        """Redeploy: the same Redis and router port, ``config``'s everything else.
+
+        Serve works out what changed: ``args`` restart the whole app, a worker
+        deployment's ``user_config`` is applied live to that deployment (a new worker per
+        replica, the old one drained), deployment options roll the affected replicas.
+        Returns once Serve has the new config; the rollout continues in the background.
+        """
+        _deploy(config.with_args(config.args.with_overrides(**self._overrides)))
+
+    def stop(self) -> None:
+        """Undo start(), in reverse; safe after a partial start."""
+        try:
+            self.drain()
+        finally:
+            self.teardown()
+
+    def drain(self) -> None:
+        """Delete the app: every replica stops taking work and finishes its streams."""
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        if self._app is not None:
+            self._say("draining: deleting the app (replicas finish their streams)")
+            serve.delete(self._app, _blocking=True)
+            self._app = None
+        if self._owns_ray:
+            serve.shutdown()
+
+    def teardown(self) -> None:
+        """Stop what start() started (Ray, Redis) without waiting for anything to drain."""
+        import ray
+
+        _remove_state()
+        if ray.is_initialized():
+            ray.shutdown()
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        self._say("stopped")
+
+    def _wait_ready(self, app: str, timeout_s: float) -> str:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        said: set[str] = set()
+        while True:
+            status = serve.status().applications.get(app)
+            state = status.status.value if status is not None else "NOT_STARTED"
+            if state == "RUNNING":
+                break
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"app {app} {state}: {status.message if status else ''}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"app {app} not RUNNING after {timeout_s}s ({state})")
+            # Serve explains slow starts (e.g. replicas waiting for CPUs / GPUs): pass it on.
+            for name, d in (status.deployments if status is not None else {}).items():
+                if d.message and d.message not in said:
+                    said.add(d.message)
+                    self._say(f"{name}: {d.message}")
+            time.sleep(0.5)
+        endpoint = serve.get_app_handle(app).address.remote().result(timeout_s=60)
+        wait_healthy(endpoint, timeout_s=30)
+        return str(endpoint)
+
+    def _say(self, line: str) -> None:
+        print(f"pdserve up: {line}", file=self.err, flush=True)
+
+
+def run(options: UpOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The command: start, print the endpoint, wait for SIGINT / SIGTERM, stop."""
+    up = Up(options, err)
+    signals = _Signals()
+    code = 0
+    signals.install()
+    try:
+        endpoint = up.start()
+        signals.install()  # again: ray.init replaced the SIGTERM handler with sys.exit
+        print(f"serving gRPC on {endpoint}", file=out, flush=True)
+        while True:
+            time.sleep(1.0)
+    except _Interrupted:
+        pass
+    except Exception as exc:
+        print(f"pdserve up: {exc}", file=err, flush=True)
+        code = 1
+    finally:
+        try:
+            up.drain()
+        except _Interrupted:  # a second signal: skip the drain
+            print("pdserve up: interrupted again: skipping the drain", file=err, flush=True)
+        except Exception as exc:  # Ray and Redis must still stop
+            print(f"pdserve up: drain failed: {exc!r}", file=err, flush=True)
+        signals.disarm()
+        up.teardown()
+    return code
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Signals:
+    """While armed, SIGINT / SIGTERM raise :class:`_Interrupted` in the main thread."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def install(self) -> None:
+        self.armed = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.armed:
+            raise _Interrupted(name)
+        print(f"pdserve up: {name} ignored while Ray and Redis stop", file=sys.stderr)
+
+
+def _deploy(config: ServeConfig) -> None:
+    # The same two calls `serve run serve.yaml` makes (ray.serve.scripts.run).
+    from ray.serve._private.api import serve_start
+    from ray.serve.config import gRPCOptions
+
+    schema = config.schema()
+    client = serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        controller_options=schema.controller_options,
+    )
+    client.deploy_apps(schema, _blocking=False)
+
+
+def _write_state(state: dict[str, Any]) -> None:
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _remove_state() -> None:
+    path = state_file()
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def read_state() -> dict[str, Any] | None:
+    """The running `pdserve up`'s addresses, or None if there is none."""
+    try:
+        state = json.loads(state_file().read_text())
+        os.kill(int(state["pid"]), 0)  # a stale file of a `pdserve up` that was killed
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if isinstance(state, dict) else None

@@ -1,0 +1,109 @@
+"""The router's Prometheus metrics (names get the ``pdserve_router_`` prefix).
+
+- ``requests_total{pool, route, status}``: finished requests by gRPC status name and
+  semantic route (``""`` when none matched; pool ``""`` when rejected before routing)
+- ``ttft_seconds``, ``itl_seconds``, ``e2e_seconds`` ``{pool}``: as the client sees them
+- ``routing_decision_seconds{pool, policy}``: prefix match + policy, per attempt
+- ``prefix_hit_ratio{pool, policy}``: predicted cached / prompt tokens of routed requests,
+  and the counters behind it (``prompt_tokens_total``, ``predicted_cached_tokens_total``,
+  ``cached_tokens_total`` as the workers reported them), so a dashboard can take ratios
+  of rates
+- ``retries_total{pool, reason}``, ``in_flight``, ``semantic_seconds``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.metrics import LATENCY_BUCKETS_S, Metrics
+
+_DECISION_BUCKETS_S = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    5e-2,
+)
+_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+_ITL_BUCKETS_S = (0.0005, *LATENCY_BUCKETS_S)
+
+
+class RouterMetrics:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        m = self.metrics
+        self.requests = m.counter(
+            "router_requests", "Finished requests", ["pool", "route", "status"]
+        )
+        self.ttft = m.histogram("router_ttft_seconds", "Time to first token", ["pool"])
+        self.itl = m.histogram(
+            "router_itl_seconds", "Inter-token latency", ["pool"], buckets=_ITL_BUCKETS_S
+        )
+        self.e2e = m.histogram("router_e2e_seconds", "Request latency, end to end", ["pool"])
+        self.decision = m.histogram(
+            "router_routing_decision_seconds",
+            "Time to pick workers (prefix match + policy)",
+            ["pool", "policy"],
+            buckets=_DECISION_BUCKETS_S,
+        )
+        self.prefix_hit_ratio = m.histogram(
+            "router_prefix_hit_ratio",
+            "Predicted cached share of each routed prompt",
+            ["pool", "policy"],
+            buckets=_RATIO_BUCKETS,
+        )
+        self.prompt_tokens = m.counter("router_prompt_tokens", "Prompt tokens routed", ["pool"])
+        self.predicted_cached = m.counter(
+            "router_predicted_cached_tokens", "Prompt tokens the index expected cached", ["pool"]
+        )
+        self.cached_tokens = m.counter(
+            "router_cached_tokens", "Prompt tokens the workers reported cached", ["pool"]
+        )
+        self.retries = m.counter("router_retries", "Attempts after the first", ["pool", "reason"])
+        self.in_flight = m.gauge("router_in_flight", "Requests being served")
+        self.semantic = m.histogram(
+            "router_semantic_seconds", "Semantic classification time", buckets=_DECISION_BUCKETS_S
+        )
+
+        self._pools: dict[tuple[str, str], PoolMetrics] = {}
+
+    def pool(self, pool: str, policy: str) -> PoolMetrics:
+        """The per-pool series, bound once (``labels()`` costs microseconds per call)."""
+        bound = self._pools.get((pool, policy))
+        if bound is None:
+            bound = PoolMetrics(
+                ttft=self.ttft.labels(pool),
+                itl=self.itl.labels(pool),
+                e2e=self.e2e.labels(pool),
+                decision=self.decision.labels(pool, policy),
+                prefix_hit_ratio=self.prefix_hit_ratio.labels(pool, policy),
+                prompt_tokens=self.prompt_tokens.labels(pool),
+                predicted_cached=self.predicted_cached.labels(pool),
+                cached_tokens=self.cached_tokens.labels(pool),
+            )
+            self._pools[(pool, policy)] = bound
+        return bound
+
+    def render(self) -> bytes:
+        return self.metrics.render()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMetrics:
+    """One pool's labelled children of the RouterMetrics series."""
+
+    ttft: Any
+    itl: Any
+    e2e: Any
+    decision: Any
+    prefix_hit_ratio: Any
+    prompt_tokens: Any
+    predicted_cached: Any
+    cached_tokens: Any

@@ -1,0 +1,237 @@
+"""A client request on its way in: the typed form, validation, and tokenization.
+
+Lifecycle of one request in this module (each step raises :class:`RequestError`)::
+
+    GenerateInput   the servicer's translation of the proto, nothing checked yet
+      → check_input(input, limits)        shape, sizes, roles, sampling values
+      → tokenize(input, tokenizer)        prompt / chat template / token ids → token ids
+      → finalize(...)                     context length, max_tokens → PreparedRequest
+
+Everything here is pure and torch-free; the statuses are the public API's (see
+``proto/serving.proto``), named by :class:`ErrorCode` so this module stays gRPC-free.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+
+from router.config import LimitsConfig
+from router.tokenizer import ModelTokenizer
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_REQUEST_ID_CHARS = 256
+MAX_STOP_STRING_CHARS = 1024
+
+
+class ErrorCode(StrEnum):
+    """The public statuses a request can end with (gRPC status code names)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class RequestError(Exception):
+    """A request failed with a public status and a message meant for the client."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"RequestError({self.code.value}, {self.message!r})"
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """Sampling as the client sent it (proto defaults: 0 = unset where documented)."""
+
+    max_tokens: int = 0  # 0 = the router's default
+    temperature: float = 0.0
+    top_p: float = 0.0  # 0 = disabled (1)
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    """Exactly one of ``prompt`` / ``messages`` / ``token_ids`` is set (or none: an error)."""
+
+    request_id: str = ""
+    model: str = ""
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    sampling: SamplingSpec = SamplingSpec()
+
+    @property
+    def semantic_text(self) -> str | None:
+        """The text semantic routing embeds: the prompt, or the last user message."""
+        if self.prompt is not None:
+            return self.prompt
+        for message in reversed(self.messages or ()):
+            if message.role == "user":
+                return message.content
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Resolved sampling, as the decode worker receives it."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    ignore_eos: bool
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A valid, tokenized request, ready to route."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    sampling: Sampling
+    stop: tuple[str, ...]  # stop strings, applied on text by the router
+
+
+def check_input(req: GenerateInput, limits: LimitsConfig) -> str:
+    """Validate what needs no tokenizer; returns the request id to use (generated if empty)."""
+    request_id = req.request_id or uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        raise invalid(f"request_id must be <= {MAX_REQUEST_ID_CHARS} printable characters")
+    given = [x is not None for x in (req.prompt, req.messages, req.token_ids)]
+    if sum(given) != 1:
+        raise invalid("exactly one of prompt, messages or token_ids is required")
+    if req.prompt is not None:
+        if not req.prompt:
+            raise invalid("prompt is empty")
+        _check_chars(len(req.prompt), limits)
+    elif req.messages is not None:
+        _check_messages(req.messages, limits)
+    elif not req.token_ids:
+        raise invalid("token_ids is empty")
+    _check_sampling(req.sampling, limits)
+    return request_id
+
+
+def tokenize(req: GenerateInput, tokenizer: ModelTokenizer) -> tuple[int, ...]:
+    """The prompt's token ids, as the engine would compute them."""
+    if req.prompt is not None:
+        ids = tokenizer.encode(req.prompt)
+    elif req.messages is not None:
+        try:
+            ids = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in req.messages]
+            )
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+    else:
+        ids = list(req.token_ids or ())
+        vocab = tokenizer.facts.vocab_size
+        if ids and max(ids) >= vocab:
+            bad = [t for t in ids if t >= vocab]
+            raise invalid(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    if not ids:
+        raise invalid("the prompt tokenizes to nothing")
+    return tuple(ids)
+
+
+def finalize(
+    request_id: str,
+    token_ids: tuple[int, ...],
+    spec: SamplingSpec,
+    context_len: int,
+    vocab_size: int,
+    limits: LimitsConfig,
+) -> PreparedRequest:
+    """Check the lengths against the context and resolve max_tokens."""
+    room = context_len - len(token_ids)
+    if room < 1:
+        raise invalid(
+            f"prompt has {len(token_ids)} tokens; the context length is {context_len} "
+            "(at least one token must be generated)"
+        )
+    if spec.max_tokens == 0:
+        max_tokens = min(limits.default_max_tokens, room)
+    elif spec.max_tokens > room:
+        raise invalid(
+            f"max_tokens {spec.max_tokens} is too large: the prompt has {len(token_ids)} "
+            f"tokens and the context length is {context_len} (at most {room})"
+        )
+    else:
+        max_tokens = spec.max_tokens
+    bad = [t for t in spec.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise invalid(f"stop_token_ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    sampling = Sampling(
+        max_tokens=max_tokens,
+        temperature=float(spec.temperature),
+        top_p=float(spec.top_p) if spec.top_p > 0 else 1.0,
+        top_k=spec.top_k,
+        seed=spec.seed,
+        ignore_eos=spec.ignore_eos,
+        stop_token_ids=tuple(spec.stop_token_ids),
+    )
+    return PreparedRequest(request_id, token_ids, sampling, spec.stop)
+
+
+def _check_chars(count: int, limits: LimitsConfig) -> None:
+    if count > limits.max_request_chars:
+        raise invalid(
+            f"request too large: {count} characters of text (limit {limits.max_request_chars})"
+        )
+
+
+def _check_messages(messages: tuple[ChatMessage, ...], limits: LimitsConfig) -> None:
+    if not messages:
+        raise invalid("messages is empty")
+    if len(messages) > limits.max_messages:
+        raise invalid(f"too many messages: {len(messages)} (limit {limits.max_messages})")
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise invalid(
+                f"messages[{i}]: unknown role {message.role!r}; "
+                f"expected one of {', '.join(sorted(CHAT_ROLES))}"
+            )
+    _check_chars(sum(len(m.content) for m in messages), limits)
+    if not any(m.content for m in messages):
+        raise invalid("every message is empty")
+
+
+def _check_sampling(spec: SamplingSpec, limits: LimitsConfig) -> None:
+    if not (math.isfinite(spec.temperature) and spec.temperature >= 0):
+        raise invalid(f"temperature must be a finite number >= 0, got {spec.temperature}")
+    if not (math.isfinite(spec.top_p) and 0 <= spec.top_p <= 1):
+        raise invalid(f"top_p must be in (0, 1] (0 = disabled), got {spec.top_p}")
+    if spec.max_tokens < 0 or spec.top_k < 0:
+        raise invalid("max_tokens and top_k must be >= 0")
+    if len(spec.stop) > limits.max_stop_strings:
+        raise invalid(f"too many stop strings: {len(spec.stop)} (limit {limits.max_stop_strings})")
+    for stop in spec.stop:
+        if not stop or len(stop) > MAX_STOP_STRING_CHARS:
+            raise invalid(f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")

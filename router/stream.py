@@ -1,0 +1,244 @@
+"""Streams one request's tokens from a decode worker, retrying before the first token.
+
+Lifecycle of a request here (one or more *attempts*)::
+
+    plan(avoid, refused) → Decision          routing (the caller's closure)
+      → tracker ticket opened                the router's in-flight bookkeeping
+      → DecodeWorker.Decode(stream)          deadline = the client's remaining time
+      → first token: committed               from here on, no retry
+      → last message (finish_reason) → done  ticket closed, however it ends
+
+Failure policy, before the first token:
+
+- INVALID_ARGUMENT from the worker → the client's fault, returned as is;
+- RESOURCE_EXHAUSTED (the worker refuses) → try another decode worker; when every one has
+  refused, RESOURCE_EXHAUSTED;
+- anything else (worker died, prefill failed, internal error) → retried *once* on other
+  workers where there are any; the second failure → UNAVAILABLE.
+
+After the first token a failure ends the stream with UNAVAILABLE naming the worker and the
+number of tokens already sent. The client's deadline passing is DEADLINE_EXCEEDED; the
+client cancelling cancels the worker call (which frees its blocks) and the ticket. After a
+failure the workers involved are probed in the background; one that is not SERVING is
+quarantined so the next requests avoid it until its registration expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import grpc
+
+from proto import worker_pb2
+from router.channels import ChannelPool
+from router.request import ErrorCode, PreparedRequest, RequestError
+from router.routing import Decision
+from router.tracker import WorkerTracker
+
+log = logging.getLogger(__name__)
+
+_ROUTER_ID = uuid.uuid4().hex[:6]  # this process, in worker-side request ids
+_ATTEMPTS = itertools.count()
+
+Plan = Callable[[frozenset[str], frozenset[str]], Decision]  # (avoid, refused) → decision
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_FINISH = {
+    worker_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    worker_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    worker_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDelta:
+    """One DecodeResponse, with the attempt that produced it."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None  # set on the last delta
+    usage: WorkerUsage | None  # last delta (or any delta that carries it)
+    decision: Decision
+    attempts: int
+    prefilled_by: str  # first delta: the prefill worker id, "local", or "" if unknown
+
+
+class _StreamBroken(Exception):
+    """The worker's stream ended without a finish reason."""
+
+
+class DecodeStreamer:
+    def __init__(
+        self,
+        channels: ChannelPool,
+        tracker: WorkerTracker,
+        max_retries: int = 1,
+        on_retry: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._channels = channels
+        self._tracker = tracker
+        self._max_retries = max_retries
+        self._on_retry = on_retry or (lambda pool, reason: None)  # (pool, reason)
+        self._probes: set[asyncio.Task[None]] = set()
+
+    async def stream(
+        self, request: PreparedRequest, plan: Plan, deadline: float | None
+    ) -> AsyncGenerator[WorkerDelta, None]:
+        """Yield the request's deltas; raises RequestError with the public status."""
+        avoid: set[str] = set()
+        refused: set[str] = set()
+        failures = attempts = 0
+        while True:
+            decision = plan(frozenset(avoid), frozenset(refused))
+            attempts += 1
+            decode_id = decision.decode.worker_id
+            ticket = self._tracker.open(
+                decision.prefill_worker_id, decode_id, len(request.token_ids)
+            )
+            call: grpc.aio.UnaryStreamCall | None = None
+            tokens = 0
+            try:
+                call = self._channels.decode_stub(decision.decode.info.grpc_address).Decode(
+                    _decode_request(request, decision), timeout=_remaining(deadline)
+                )
+                async for response in call:
+                    delta = _delta(response, decision, attempts)
+                    if tokens == 0 and delta.token_ids:
+                        self._tracker.first_token(ticket)
+                    tokens += len(delta.token_ids)
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+                raise _StreamBroken("the worker's stream ended without a finish reason")
+            except (grpc.aio.AioRpcError, _StreamBroken) as exc:
+                code, details = _describe(exc)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RequestError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                if tokens > 0:
+                    self._probe(decision)
+                    raise RequestError(
+                        ErrorCode.UNAVAILABLE,
+                        f"decode worker {decode_id} failed after {tokens} tokens were sent "
+                        f"({code}: {details}); the reply is incomplete",
+                    ) from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT.name:
+                    raise RequestError(ErrorCode.INVALID_ARGUMENT, details) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED.name:
+                    log.info("%s: %s refused: %s", request.request_id, decode_id, details)
+                    refused.add(decode_id)
+                    self._on_retry(decision.pool, "refused")
+                    continue
+                failures += 1
+                self._probe(decision)
+                workers = ", ".join(w for w in (decision.prefill_worker_id, decode_id) if w)
+                if failures > self._max_retries:
+                    raise RequestError(
+                        ErrorCode.UNAVAILABLE,
+                        f"request failed before its first token on {failures} attempts; "
+                        f"last on {workers}: {code}: {details}",
+                    ) from None
+                log.warning(
+                    "%s: attempt %d on %s failed before the first token (%s: %s); retrying",
+                    request.request_id,
+                    attempts,
+                    workers,
+                    code,
+                    details,
+                )
+                avoid.update(w for w in (decision.prefill_worker_id, decode_id) if w)
+                self._on_retry(decision.pool, "failed")
+            finally:
+                if call is not None:
+                    call.cancel()  # no-op once finished; frees the worker's blocks otherwise
+                self._tracker.close(ticket)
+
+    async def close(self) -> None:
+        for task in list(self._probes):
+            task.cancel()
+
+    def _probe(self, decision: Decision) -> None:
+        """Quarantine, in the background, the workers of ``decision`` that look dead."""
+        for worker in (decision.prefill, decision.decode):
+            if worker is None:
+                continue
+            task = asyncio.create_task(self._probe_one(worker.worker_id, worker.info.grpc_address))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _probe_one(self, worker_id: str, address: str) -> None:
+        if not await self._channels.probe(address, timeout_s=1.0):
+            log.warning("worker %s (%s) is not serving: quarantined", worker_id, address)
+            self._tracker.quarantine(worker_id)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RequestError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    return remaining
+
+
+def _decode_request(request: PreparedRequest, decision: Decision) -> worker_pb2.DecodeRequest:
+    s = request.sampling
+    sampling = worker_pb2.SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        stop_token_ids=s.stop_token_ids,
+        ignore_eos=s.ignore_eos,
+    )
+    if s.seed is not None:
+        sampling.seed = s.seed
+    # Unique per attempt: a retry may reach a worker that still holds the failed attempt,
+    # and two clients may send the same request id.
+    worker_request_id = f"{request.request_id}.{_ROUTER_ID}{next(_ATTEMPTS)}"
+    message = worker_pb2.DecodeRequest(
+        request_id=worker_request_id, token_ids=request.token_ids, sampling=sampling
+    )
+    if decision.prefill is not None:
+        message.prefill.worker_id = decision.prefill.worker_id
+        message.prefill.grpc_address = decision.prefill.info.grpc_address
+    return message
+
+
+def _delta(response: worker_pb2.DecodeResponse, decision: Decision, attempts: int) -> WorkerDelta:
+    usage = None
+    if response.HasField("usage"):
+        u = response.usage
+        usage = WorkerUsage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    return WorkerDelta(
+        token_ids=tuple(response.token_ids),
+        finish_reason=_FINISH.get(response.finish_reason),
+        usage=usage,
+        decision=decision,
+        attempts=attempts,
+        prefilled_by=response.prefilled_by,
+    )
+
+
+def _describe(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name, exc.details() or ""
+    return grpc.StatusCode.UNKNOWN.name, str(exc)

@@ -1,0 +1,191 @@
+"""Shared helpers for router integration tests: start a router, call it, wait for state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from common.grpc_server import wait_healthy
+from proto import serving_pb2, serving_pb2_grpc
+from router.client import build_request
+from router.config import RouterConfig
+from router.server import RouterServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def start_router(redis_url: str, namespace: str, **config: Any) -> RouterServer:
+    data = {
+        "port": 0,
+        "redis_url": redis_url,
+        "namespace": namespace,
+        "refresh_interval_s": 0.05,
+        **config,
+    }
+    server = RouterServer(RouterConfig.from_mapping(data))
+    await server.start()
+    return server
+
+
+def run_bounded(main: Coroutine[Any, Any, None], timeout_s: float) -> None:
+    """``asyncio.run(main)``, failing after ``timeout_s`` with every task's await chain
+    printed: a hung scenario then says where it hangs instead of just timing out."""
+
+    async def bounded() -> None:
+        task = asyncio.ensure_future(main)
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
+        if not done:
+            print("stuck tasks:\n" + _await_chains())
+            task.cancel()
+            raise TimeoutError(f"scenario still running after {timeout_s}s")
+        task.result()
+
+    asyncio.run(bounded())
+
+
+def _await_chains() -> str:
+    lines = []
+    for task in asyncio.all_tasks():
+        lines.append(repr(task))
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:  # cython coroutines (grpc) have none
+                lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return "\n".join(lines)
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+async def wait_workers(server: RouterServer, pool: str, count: int) -> None:
+    await wait_for(
+        lambda: server.view.snapshot(pool).num_live == count,
+        what=f"{count} live workers in pool {pool}",
+    )
+
+
+def stub(channel: grpc.aio.Channel) -> serving_pb2_grpc.GenerationStub:
+    return serving_pb2_grpc.GenerationStub(channel)
+
+
+async def generate(
+    client: serving_pb2_grpc.GenerationStub,
+    prompt: str | None = None,
+    *,
+    timeout_s: float = 30.0,
+    **options: Any,
+) -> list[serving_pb2.GenerateResponse]:
+    request = build_request(prompt, **options)
+    return [r async for r in client.Generate(request, timeout=timeout_s)]
+
+
+async def status_of(
+    client: serving_pb2_grpc.GenerationStub, prompt: str | None = None, **options: Any
+) -> tuple[grpc.StatusCode, str]:
+    """The error status a request ends with (fails the test if it succeeds)."""
+    try:
+        await generate(client, prompt, **options)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    raise AssertionError("the request succeeded")
+
+
+def text_of(responses: list[serving_pb2.GenerateResponse]) -> str:
+    return "".join(r.text for r in responses)
+
+
+def tokens_of(responses: list[serving_pb2.GenerateResponse]) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+# ---- a router in its own process (``python -m router``) ------------------------------------
+
+ROUTER_READY = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
+
+
+class RouterProcess:
+    """``python -m router`` in its own process group; ``kill()`` always reaps it."""
+
+    def __init__(self, args: Sequence[str], log_path: Path) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PDSERVE_CACHE_DIR": os.environ.get("PDSERVE_CACHE_DIR", str(REPO / ".cache")),
+        }
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+        )
+        self.address = ""
+        self.metrics_address = ""
+
+    def wait_ready(self, timeout_s: float = 120.0) -> RouterProcess:
+        assert self.proc.stdout is not None
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                raise RuntimeError(f"router exited ({self.proc.poll()}):\n{self.log()}")
+            match = ROUTER_READY.match(line or "")
+            if match:
+                self.address, self.metrics_address = match.group(1), match.group(2)
+                wait_healthy(self.address, timeout_s=max(1.0, deadline - time.monotonic()))
+                return self
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router not ready in {timeout_s}s:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-4000:]
