@@ -3,9 +3,9 @@
 ``pdserve up`` starts the serving cluster (local Ray on 127.0.0.1 + a private Redis, or an
 existing cluster with ``--address``) and serves until Ctrl-C; ``pdserve status`` shows its
 pools and workers; ``pdserve check`` validates a Serve config offline (Serve's schema and
-pdserve's own checks); ``pdserve generate`` runs the engine in this process (offline, on the
-default model unless ``--model`` names a local checkpoint). The logic lives in the deploy
-modules; this file only parses arguments.
+pdserve's own checks); ``pdserve chat`` / ``pdserve generate`` stream a reply from a
+running router (``--local``: run the engine in this process instead, offline). The logic
+lives in the deploy and router modules; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from common import env
+
+DEFAULT_PORT = 50051
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,13 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, default=None, help="default: deploy/serve.yaml")
     check.set_defaults(handler=_check)
 
-    generate = commands.add_parser("generate", help="generate text in-process (offline)")
-    generate.add_argument("prompt")
-    generate.add_argument("--model", default=None, help="local HF checkpoint directory")
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--chat", action="store_true", help="apply the chat template")
-    generate.set_defaults(handler=_generate)
+    for name, chat in (("chat", True), ("generate", False)):
+        kind = "a chat reply" if chat else "a completion"
+        command = commands.add_parser(name, help=f"stream {kind} from a running router")
+        command.add_argument("prompt")
+        command.add_argument(
+            "--address", default=f"127.0.0.1:{DEFAULT_PORT}", help="router gRPC address"
+        )
+        command.add_argument("--model", default="", help="pool/model name (default pool)")
+        command.add_argument("--max-tokens", type=int, default=128)
+        command.add_argument("--temperature", type=float, default=0.0)
+        command.add_argument("--top-p", type=float, default=0.0)
+        command.add_argument("--top-k", type=int, default=0)
+        command.add_argument("--seed", type=int, default=None)
+        command.add_argument("--stop", action="append", default=[], help="stop string")
+        command.add_argument("--system", default=None, help="system message (chat)")
+        command.add_argument("--timeout", type=float, default=None, help="deadline, seconds")
+        command.add_argument(
+            "--local", action="store_true", help="no router: run the engine in this process"
+        )
+        command.set_defaults(handler=_stream, chat=chat)
     return parser
 
 
@@ -88,13 +103,41 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _stream(args: argparse.Namespace) -> int:
+    if args.local:
+        return _generate_locally(args)
+    from router import client
+
+    return client.run(
+        args.address,
+        args.prompt,
+        chat=args.chat,
+        timeout_s=args.timeout,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        system=args.system,
+    )
+
+
+def _generate_locally(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=args.model)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    llm = LLM(model=args.model or None)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p or 1.0,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     if args.chat:
-        output = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        output = llm.chat([*messages, {"role": "user", "content": args.prompt}], params)[0]
     else:
         output = llm.generate(args.prompt, params)[0]
     print(output.text)

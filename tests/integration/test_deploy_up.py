@@ -101,6 +101,16 @@ def test_up_serves_then_ctrl_c_leaves_nothing_behind(up: UpProcess) -> None:
     assert reply.text.strip()
     assert reply.route is not None and reply.route.prefill_worker.startswith("prefill-")
 
+    chat = subprocess.run(
+        [str(PDSERVE), "chat", "Name a colour.", "--address", up.endpoint, "--max-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip(), chat.stderr
+
     status = subprocess.run(
         [str(PDSERVE), "status", "--address", up.ray_address],
         capture_output=True,
