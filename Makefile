@@ -12,7 +12,7 @@ export GLOO_SOCKET_IFNAME := lo
 export PDSERVE_CACHE_DIR ?= $(CURDIR)/.cache
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup serve test lint bench proto clean redis model
+.PHONY: setup serve test lint bench bench-kv bench-disagg bench-router bench-all proto clean redis model
 
 setup: $(STAMP) $(MODEL) redis
 
@@ -44,6 +44,17 @@ lint: $(STAMP)
 
 bench: setup
 	$(BIN)/python benchmarks/engine_throughput.py
+
+bench-kv: setup
+	$(BIN)/python benchmarks/kv_transfer.py
+
+bench-disagg: setup
+	$(BIN)/python benchmarks/disagg_vs_colocated.py
+
+bench-router: setup
+	$(BIN)/python benchmarks/router_overhead.py --real
+
+bench-all: bench bench-kv bench-disagg bench-router
 
 # Generated code is committed; tests/unit/test_proto_fresh.py fails when it is stale.
 proto: $(STAMP)
