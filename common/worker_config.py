@@ -152,6 +152,12 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-model-len", "engine.max_model_len", int, "context length cap"),
     ("--max-num-seqs", "engine.max_num_seqs", int, "running batch cap"),
     ("--max-num-batched-tokens", "engine.max_num_batched_tokens", int, "per-step token budget"),
+    (
+        "--long-prefill-token-threshold",
+        "engine.long_prefill_token_threshold",
+        int,
+        "longer prefills share steps with shorter arrivals (0 = strict FIFO)",
+    ),
     ("--num-threads", "engine.num_threads", int, "torch intra-op threads"),
     ("--seed", "engine.seed", int, "sampling seed of unseeded requests"),
     ("--kv-host", "kv_transfer.host", str, "KV transfer bind address"),

@@ -25,6 +25,12 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 64  # running batch cap
     max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
+    # A prefill with more tokens left than this is "long": in a step's first pass its chunk
+    # is capped here and a second long prompt waits, so shorter requests queued behind it
+    # share its steps; the leftover budget then tops the chunk back up (see
+    # engine/scheduler.py). Keep it at most half the budget so a short prompt fits beside
+    # the capped chunk. 0: off, strict FIFO chunking.
+    long_prefill_token_threshold: int = 512
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # for unseeded requests
@@ -42,5 +48,7 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least one block")
+        if (threshold := self.long_prefill_token_threshold) < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {threshold}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

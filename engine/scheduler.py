@@ -10,14 +10,25 @@ The contract is two calls per engine step, as in vLLM v1:
     finished = scheduler.update_from_output(out, sampled)  # advance, cache, stop, free
 
 Per step at most ``max_num_batched_tokens`` tokens are computed and at most
-``max_num_seqs`` sequences run. Running sequences go first, in arrival order: a decode
-costs one token (the KV of the token sampled last step), a sequence still in chunked
-prefill takes the next chunk that fits the remaining budget. When a running sequence
-cannot get a KV block, the most recently arrived running sequence is preempted by
-recompute: its blocks are freed and it goes back to the front of waiting, keeping its
-generated tokens, which are re-prefilled together with the prompt. Waiting sequences are
-then admitted in strict FIFO order (none on a step that preempted, since blocks are short):
-the first one that does not fit stops admission, so a long prompt is never starved by
+``max_num_seqs`` sequences run. The budget is handed out in two passes, each in arrival
+order; :class:`PrefillPolicy` decides the chunk sizes, the scheduler only applies them:
+
+1. Running sequences: a decode costs one token (the KV of the token sampled last step), a
+   prefill takes its next chunk, capped at ``long_prefill_token_threshold`` tokens. Then
+   waiting sequences are admitted the same way — except that a *long* one (more tokens to
+   compute than the threshold) is passed over while another long prefill is in progress.
+2. The leftover budget tops up the capped chunks, then admits waiting sequences uncapped.
+
+So a short prompt arriving while a long one is chunk-prefilled runs in the next step,
+beside a chunk of the long one, instead of after all its chunks; the long one still
+progresses every step, and long prompts start in FIFO order, one at a time. When nothing
+short is waiting this is exactly the FIFO schedule (the top-up restores every cap).
+
+When a running sequence cannot get a KV block, the most recently arrived running sequence
+is preempted by recompute: its blocks are freed and it goes back to the front of waiting,
+keeping its generated tokens, which are re-prefilled together with the prompt. No waiting
+sequence is admitted on a step that preempted, since blocks are short; otherwise the first
+one that does not fit stops admission, so a long prompt is never starved of blocks by
 shorter ones queued behind it.
 
 Disaggregation adds two entry points. ``add_prefilled`` puts a sequence whose prompt KV
@@ -38,6 +49,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.prefill_policy import PrefillPolicy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -80,6 +92,7 @@ class Scheduler:
         if block_manager.block_size != config.block_size:
             raise ValueError("block manager and config disagree on block_size")
         self.config = config
+        self.policy = PrefillPolicy(config.long_prefill_token_threshold)
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -180,7 +193,10 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            budget = self._admit_waiting(out, budget, first_pass=True)
+        budget = self._top_up(out, budget)
+        if budget and self.policy.threshold and not out.preempted:
+            self._admit_waiting(out, budget, first_pass=False)
         out.num_batched_tokens = sum(chunk.num_tokens for chunk in out.scheduled)
         return out
 
@@ -188,7 +204,7 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = self.policy.first_chunk(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.append_slots(seq, num_tokens):
                 victim = self._running[-1]  # most recent arrival; never one already scheduled
                 self._preempt(victim)
@@ -200,26 +216,54 @@ class Scheduler:
             i += 1
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
-            seq = self._waiting[0]
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, first_pass: bool) -> int:
+        """Admit in FIFO order; the first pass caps chunks and passes over long prompts."""
+        long_in_progress = any(self.policy.is_long(self._remaining(s)) for s in self._running)
+        for seq in list(self._waiting):
+            if budget == 0 or len(self._running) >= self.config.max_num_seqs:
+                break
+            if first_pass and not self.policy.may_admit(self._uncached(seq), long_in_progress):
+                continue
             cached_before = seq.num_cached_tokens
             self.block_manager.allocate_prefix(seq)
             if seq.request_id in self._preempted:
                 seq.num_cached_tokens = cached_before
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = self._remaining(seq)
+            num_tokens = self.policy.first_chunk(remaining, budget) if first_pass else budget
+            num_tokens = min(num_tokens, remaining)
             if not self.block_manager.append_slots(seq, num_tokens):
                 # Give the borrowed prefix back; FIFO: nobody behind it may jump ahead.
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = 0
                 seq.num_cached_tokens = cached_before
-                return
-            self._waiting.popleft()
+                break
+            self._waiting.remove(seq)
             self._preempted.discard(seq.request_id)
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
             out.scheduled.append(self._chunk(seq, num_tokens))
             budget -= num_tokens
+            long_in_progress = long_in_progress or self.policy.is_long(remaining)
+        return budget
+
+    def _top_up(self, out: SchedulerOutput, budget: int) -> int:
+        """Grow capped chunks with the leftover budget, in arrival order; no preemption."""
+        for i, chunk in enumerate(out.scheduled):
+            extra = min(self._remaining(chunk.seq) - chunk.num_tokens, budget)
+            if extra > 0 and self.block_manager.append_slots(chunk.seq, chunk.num_tokens + extra):
+                out.scheduled[i] = self._chunk(chunk.seq, chunk.num_tokens + extra)
+                budget -= extra
+        return budget
+
+    @staticmethod
+    def _remaining(seq: Sequence) -> int:
+        return seq.num_tokens - seq.num_computed_tokens
+
+    def _uncached(self, seq: Sequence) -> int:
+        """Tokens a waiting seq would compute once admitted (its prefix-cache hit excluded)."""
+        if not self.policy.is_long(seq.num_tokens):  # short either way: skip the hashing
+            return seq.num_tokens
+        return seq.num_tokens - self.block_manager.match_prefix(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         # Victims are taken newest first, so pushing each to the front keeps waiting in

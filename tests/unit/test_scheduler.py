@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.prefill_policy import PrefillPolicy
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -38,11 +39,13 @@ class Harness:
         max_num_seqs: int = 8,
         max_num_batched_tokens: int = 64,
         max_model_len: int = 1024,
+        **engine: int,
     ) -> None:
         config = EngineConfig(
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            **engine,  # type: ignore[arg-type]
         )
         self.bm = BlockManager(num_blocks, block_size)
         self.sched = Scheduler(config, self.bm, frozenset({EOS}), max_model_len)
@@ -291,18 +294,127 @@ def test_a_seq_outgrowing_the_whole_cache_stops_instead_of_thrashing() -> None:
     assert seq.num_tokens == 17 and len(seq.output_token_ids) == 14
 
 
+# ---- long prefills do not hold up short arrivals (long_prefill_token_threshold) ---------
+
+
+def chunk_sizes(out: SchedulerOutput) -> dict[str, int]:
+    return {c.seq.request_id: c.num_tokens for c in out.scheduled}
+
+
+def test_prefill_policy_caps_only_long_prefills() -> None:
+    off, on = PrefillPolicy(0), PrefillPolicy(32)
+    assert not off.is_long(10_000) and off.first_chunk(1000, 64) == 64
+    assert off.may_admit(1000, long_in_progress=True)
+    assert on.is_long(33) and not on.is_long(32) and not on.is_long(1)  # decodes never are
+    assert on.first_chunk(1000, 64) == 32 and on.first_chunk(1000, 20) == 20
+    assert on.first_chunk(30, 64) == 30  # short: whole, as the budget allows
+    assert on.may_admit(1000, long_in_progress=False) and on.may_admit(32, long_in_progress=True)
+    assert not on.may_admit(33, long_in_progress=True)
+
+
+@pytest.mark.parametrize("threshold", [0, 32])
+def test_short_arrival_runs_beside_a_long_prefill(threshold: int) -> None:
+    h = Harness(block_size=16, max_num_batched_tokens=64, long_prefill_token_threshold=threshold)
+    h.add("decoder", [1, 2, 3], max_tokens=40)
+    h.run_step()
+    long = h.add("long", list(range(10, 410)), max_tokens=1)  # 400 tokens
+    h.run_step()
+    short = h.add("short", list(range(500, 520)), max_tokens=1)  # 20 tokens
+    steps_to_short, long_chunks = 0, []
+    while short.status is not SequenceStatus.FINISHED:
+        out, _ = h.run_step()
+        steps_to_short += 1
+        sizes = chunk_sizes(out)
+        assert sizes["decoder"] == 1  # decodes keep their token every step
+        long_chunks.append(sizes.get("long", 0))
+    if threshold:
+        assert steps_to_short == 1  # prefilled (and first token sampled) in the next step
+        assert long_chunks == [64 - 1 - 20]  # the long prompt gave up only what short took
+        assert long.num_computed_tokens == 64 - 1 + 43  # and still progressed
+    else:  # strict FIFO: the short prompt waits for every chunk of the long one
+        assert steps_to_short == -(-(400 - 63) // 63) and long.is_finished
+    h.run_to_completion()
+
+
+def test_a_lone_long_prefill_is_chunked_exactly_as_without_the_policy() -> None:
+    def schedule(threshold: int) -> list[dict[str, int]]:
+        h = Harness(max_num_batched_tokens=64, long_prefill_token_threshold=threshold)
+        h.add("a", [3] * 10, max_tokens=30)
+        h.run_step()
+        h.add("long", list(range(10, 310)), max_tokens=3)
+        return [chunk_sizes(h.run_step()[0]) for _ in range(8)]
+
+    assert schedule(threshold=16) == schedule(threshold=0)
+
+
+def test_long_prompts_start_fifo_one_at_a_time_and_shorts_pass_them() -> None:
+    h = Harness(num_blocks=128, max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    first = h.add("first", [1] * 150, max_tokens=1)
+    second = h.add("second", [2] * 150, max_tokens=1)
+    short = h.add("short", [3] * 10, max_tokens=1)
+    out, _ = h.run_step()
+    # first gets the budget that short leaves; second does not start beside first.
+    assert chunk_sizes(out) == {"first": 54, "short": 10}
+    while first.status is not SequenceStatus.FINISHED:
+        out, _ = h.run_step()
+        assert short.is_finished and chunk_sizes(out)["first"] > 0
+        if not first.is_finished:
+            assert second.status is SequenceStatus.WAITING
+    # The step that finished first's prefill gave second the leftover, as FIFO would.
+    assert chunk_sizes(out) == {"first": 150 - 54 - 64, "second": 64 - 32}
+    h.run_to_completion()
+
+
+def test_a_stream_of_short_arrivals_does_not_starve_the_long_prefill() -> None:
+    h = Harness(num_blocks=256, max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    long = h.add("long", list(range(10, 330)), max_tokens=1)  # 320 tokens
+    h.run_step()  # alone: the whole budget
+    steps = 0
+    while not long.is_finished:
+        for i in range(4):  # 4 x 15 tokens a step: the shorts alone would fill the budget
+            h.add(f"s{steps}-{i}", [steps % 50 + 100 + i] * 15, max_tokens=1)
+        out, _ = h.run_step()
+        steps += 1
+        sizes = chunk_sizes(out)
+        assert sizes["long"] >= 16 and len(sizes) > 1  # both kinds progress every step
+    assert steps <= -(-(320 - 64) // 16)
+    h.run_to_completion()
+
+
+def test_a_long_prompt_with_a_cached_prefix_counts_as_short() -> None:
+    h = Harness(num_blocks=128, max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    shared = list(range(1000, 1160))  # 160 tokens, 10 full blocks
+    h.add("warm", shared, max_tokens=1)
+    h.run_to_completion()
+    h.add("long", list(range(10, 410)), max_tokens=1)
+    h.run_step()
+    follow_up = h.add("follow-up", [*shared, 7, 8], max_tokens=1)  # 2 tokens to compute
+    uncached = h.add("uncached", list(range(2000, 2100)), max_tokens=1)  # long: waits
+    out, _ = h.run_step()
+    assert chunk_sizes(out) == {"long": 64 - 2, "follow-up": 2}
+    assert follow_up.is_finished and uncached.status is SequenceStatus.WAITING
+    h.run_to_completion()
+
+
 PREFIXES = [(), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6, 7, 8), (9, 9, 9)]
 
 
 class RandomWorkload(RuleBasedStateMachine):
     """Random add / step / abort interleavings against a tiny cache."""
 
+    threshold = 0  # long_prefill_token_threshold
+
     def __init__(self) -> None:
         super().__init__()
         # 4 seqs of up to 32 KV tokens (8 blocks, the whole cache) each: preemption is common,
         # and some seqs stop only because they outgrow the cache.
         self.h = Harness(
-            num_blocks=8, block_size=4, max_num_seqs=4, max_num_batched_tokens=8, max_model_len=64
+            num_blocks=8,
+            block_size=4,
+            max_num_seqs=4,
+            max_num_batched_tokens=8,
+            max_model_len=64,
+            long_prefill_token_threshold=self.threshold,
         )
         self.live: dict[str, Sequence] = {}
         self.next_id = 0
@@ -356,5 +468,11 @@ class RandomWorkload(RuleBasedStateMachine):
         self.h.bm.check_invariants(live=[])
 
 
-RandomWorkload.TestCase.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
+class RandomWorkloadLongPrefills(RandomWorkload):
+    threshold = 3  # most prompts are long: capping, passing over and top-ups all happen
+
+
+for machine in (RandomWorkload, RandomWorkloadLongPrefills):
+    machine.TestCase.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
 test_random_workload = RandomWorkload.TestCase
+test_random_workload_long_prefills = RandomWorkloadLongPrefills.TestCase

@@ -46,6 +46,7 @@ def test_yaml_file(tmp_path: Path) -> None:
     assert config.on_prefill_failure is PrefillFailurePolicy.FAIL and not config.layer_wise
     assert config.engine.num_kv_blocks == 300 and config.engine.num_threads == 1
     assert config.engine.block_size == 16  # untouched defaults survive
+    assert config.engine.long_prefill_token_threshold == 512
     assert config.kv_transfer.port == 7100 and config.kv_transfer.timeout_s == 12.5
     assert config.redis_url == "redis://127.0.0.1:6390/0"
 
@@ -65,9 +66,12 @@ def test_flags_override_yaml(tmp_path: Path) -> None:
             "--no-prefix-caching",
             "--kv-timeout",
             "3",
+            "--long-prefill-token-threshold",
+            "0",
         ]
     )
     assert config.port == 0 and config.engine.num_kv_blocks == 64
+    assert config.engine.long_prefill_token_threshold == 0
     assert config.engine.num_threads == 1  # from the file
     assert config.layer_wise and not config.engine.enable_prefix_caching
     assert config.kv_transfer.timeout_s == 3.0 and config.kv_transfer.port == 7100
@@ -104,6 +108,7 @@ def test_role_must_suit_the_entry_point(tmp_path: Path) -> None:
         ({"role": "decode", "prefill_timeout_s": 0}, "prefill_timeout_s"),
         ({"role": "decode", "on_prefill_failure": "retry"}, "retry"),
         ({"role": "decode", "engine": {"block_size": 0}}, "block_size"),
+        ({"role": "decode", "engine": {"long_prefill_token_threshold": -1}}, "long_prefill"),
         ({"role": "decode", "engine": "big"}, "expected a mapping"),
         ({"role": "decode", "pool": ""}, "pool"),
     ],
