@@ -10,7 +10,7 @@ prefix index's matches) and the router's :class:`~router.snapshot.Pending` bookk
 
 ``prefix_aware`` (the default) is the cost function of KV-aware routers, in prompt tokens:
 
-    prefill cost(w) = tokens w must compute + load_weight × prefill tokens queued on w
+    prefill cost(w) = tokens w must compute + load_weight (0.25) × prefill tokens queued on w
     decode  cost(w) = running batch of w + KV fraction in use on w  (+1e9 if the prompt
                       does not fit its free blocks)
 
@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.config import Policy, PoolConfig
+from router.config import DEFAULT_LOAD_WEIGHT, Policy, PoolConfig
 from router.snapshot import NO_PENDING, Pending, WorkerView
 
 _NO_FIT_PENALTY = 1e9
@@ -144,7 +144,7 @@ def _argmin(
 class PrefixAware:
     name = Policy.PREFIX_AWARE.value
 
-    def __init__(self, load_weight: float = 1.0) -> None:
+    def __init__(self, load_weight: float = DEFAULT_LOAD_WEIGHT) -> None:
         self.load_weight = load_weight
 
     def pick_prefill(

@@ -94,9 +94,10 @@ def test_a_report_older_than_a_completion_does_not_count_it() -> None:
     b = worker("b", queued_tokens=300)
     b = WorkerView(b.info, replace(b.load, updated_at=100.0))
     stale = {"b": Pending(routed=1, prefills_done=((100.2, 300),))}
-    assert PrefixAware().pick_prefill([a, b], query(320, {"b": 18}), stale).worker is b
+    policy = PrefixAware(load_weight=1.0)
+    assert policy.pick_prefill([a, b], query(320, {"b": 18}), stale).worker is b
     fresh = {"b": Pending(routed=1, prefills_done=((99.0, 300),))}  # in the report: counts
-    assert PrefixAware().pick_prefill([a, b], query(320, {"b": 18}), fresh).worker is a
+    assert policy.pick_prefill([a, b], query(320, {"b": 18}), fresh).worker is a
     d = worker("d", WorkerRole.DECODE, running=3)
     d = WorkerView(d.info, replace(d.load, updated_at=100.0))
     e = worker("e", WorkerRole.DECODE, running=1)
