@@ -12,7 +12,7 @@ export GLOO_SOCKET_IFNAME := lo
 export PDSERVE_CACHE_DIR ?= $(CURDIR)/.cache
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup serve test lint bench bench-kv bench-disagg bench-router bench-all proto clean redis model
+.PHONY: setup serve test lint bench bench-kv bench-disagg bench-router bench-e2e bench-all proto clean redis model
 
 setup: $(STAMP) $(MODEL) redis
 
@@ -54,7 +54,11 @@ bench-disagg: setup
 bench-router: setup
 	$(BIN)/python benchmarks/router_overhead.py --real
 
-bench-all: bench bench-kv bench-disagg bench-router
+# End-to-end suite: disagg vs colocated, routing policies, vs `transformers serve` (~15 min).
+bench-e2e: setup
+	$(BIN)/pdserve bench suite
+
+bench-all: bench bench-kv bench-disagg bench-router bench-e2e
 
 # Generated code is committed; tests/unit/test_proto_fresh.py fails when it is stale.
 proto: $(STAMP)

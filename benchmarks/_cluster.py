@@ -14,8 +14,9 @@ reaches only the benchmark), and leaving the ``with`` block — normally, on an 
 on Ctrl-C, or on SIGTERM / SIGHUP once :func:`exit_on_signals` is active — SIGKILLs every
 group and reaps it. Every wait is bounded. Worker stderr goes to ``<log_dir>/<name>.log``.
 
-This is a benchmark copy of the test harness's approach (tests/integration/workers_harness.py
-and tests/redis_server.py); benchmarks do not import from tests/.
+The registry is :class:`deploy.redis_process.RedisProcess`, the one ``pdserve up`` and the
+tests use. :class:`ReadyProcess` runs any other child (the router, ``transformers serve``)
+the same way: its own session, a ready line or probe, always killed.
 """
 
 from __future__ import annotations
@@ -26,18 +27,22 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/<script>.py` without an install
+    sys.path.insert(0, str(REPO_ROOT))
+
+from deploy.redis_process import RedisProcess  # noqa: E402
+
 READY = re.compile(r"^(\w+) worker (\S+) serving gRPC on (\S+) kv (\S+) metrics (\S+)$")
 
 
@@ -147,87 +152,84 @@ def _wait_healthy(address: str, timeout_s: float) -> None:
     wait_healthy(address, timeout_s=timeout_s)
 
 
-# --------------------------------------------------------------------------- redis
+# --------------------------------------------------------------------------- other children
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class ReadyProcess:
+    """A child in its own session, ready once a stdout line matches ``pattern`` (its first
+    group is kept as ``address``) or, with no pattern, once ``probe()`` returns True.
+    stdout is drained by a thread after that; stderr goes to ``log``. kill() takes the group.
+    """
 
-
-class RedisServer:
-    """A private redis-server on a free loopback port; no RDB / AOF; killed by stop()."""
-
-    def __init__(self, workdir: Path, startup_timeout_s: float = 10.0, attempts: int = 5) -> None:
-        self._workdir = workdir
-        self._timeout_s = startup_timeout_s
-        self._attempts = attempts
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.port: int | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("redis-server not started")
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-        errors: list[str] = []
-        for _ in range(self._attempts):  # the port may be taken between pick and bind
-            port = _free_port()
-            if self._try_start(binary, port, errors):
-                self.port = port
-                return
-        raise RuntimeError("redis-server did not start:\n" + "\n".join(errors))
-
-    def _try_start(self, binary: str, port: int, errors: list[str]) -> bool:
-        import redis
-
-        log_path = self._workdir / f"redis-{port}.log"
-        cmd = [
-            binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self._workdir),
-            "--logfile", str(log_path),
-            "--daemonize", "no",
-        ]  # fmt: skip
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    def __init__(
+        self,
+        command: Sequence[str],
+        log: Path,
+        pattern: re.Pattern[str] | None = None,
+        probe: Callable[[], bool] | None = None,
+        timeout_s: float = 180.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            list(command),
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO_ROOT,
+            env=env or worker_env(1),
+            start_new_session=True,
         )
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + self._timeout_s
+        self.address = ""
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, name="ready-process-stdout", daemon=True).start()
         try:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    log = log_path.read_text() if log_path.exists() else ""
-                    errors.append(f"port {port}: exited {proc.returncode}: {log[-500:]}")
-                    return False
-                with contextlib.suppress(redis.ConnectionError):
-                    if client.ping():
-                        self._proc = proc
-                        return True
-                time.sleep(0.02)
-        finally:
-            client.close()
-        errors.append(f"port {port}: no PING answer within {self._timeout_s}s")
-        proc.kill()
-        proc.wait()
-        return False
+            self._wait(pattern, probe, timeout_s)
+        except BaseException:
+            self.kill()
+            raise
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
-            self._proc = None
-        self.port = None
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _wait(
+        self, pattern: re.Pattern[str] | None, probe: Callable[[], bool] | None, timeout_s: float
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.proc.args} exited\n{self.log_tail()}")
+            if probe is not None and probe():
+                return
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            match = pattern.match(line) if pattern is not None and line is not None else None
+            if match:
+                self.address = match.group(1)
+                return
+        raise TimeoutError(f"{self.proc.args} not ready in {timeout_s:.0f}s\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
 
 
 # --------------------------------------------------------------------------- cluster
@@ -247,15 +249,13 @@ class LocalCluster:
         self.log_dir = log_dir
         self.namespace = namespace
         self.ready_timeout_s = ready_timeout_s
-        self.redis = RedisServer(log_dir)
+        self.redis = RedisProcess()
         self.workers: dict[str, WorkerProcess] = {}
 
     def __getitem__(self, name: str) -> WorkerProcess:
         return self.workers[name]
 
     def start(self) -> LocalCluster:
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.redis.start()

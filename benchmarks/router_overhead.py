@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
-import os
 import random
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,12 +47,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._cluster import (
-    REPO_ROOT,
     LocalCluster,
+    ReadyProcess,
     WorkerSpec,
     exit_on_signals,
     log_directory,
-    worker_env,
 )
 from benchmarks._common import (
     busy_machine_warning,
@@ -241,40 +237,6 @@ def serve_fake_worker(redis_url: str, namespace: str) -> int:
     return asyncio.run(main())
 
 
-class Process:
-    """A child process whose first matching stdout line is its ready line."""
-
-    def __init__(self, args: Sequence[str], pattern: re.Pattern[str], log: Path) -> None:
-        self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            cwd=REPO_ROOT,
-            env=worker_env(1),
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{args} exited: {log.read_text()[-2000:]}")
-            match = pattern.match(line.strip())
-            if match:
-                self.address = match.group(1)
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{args} not ready")
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self._log.close()
-
-
 def bench_ttft(
     worker_address: str, router_address: str, iterations: int, prompts: Callable[[int], Any]
 ) -> dict:
@@ -353,13 +315,15 @@ def run_ttft(log_dir: Path, iterations: int, real: bool, real_iterations: int) -
     fake = router = None
     try:
         url = cluster.redis.url
-        fake = Process(
-            [__file__, "--serve-fake-worker", "--redis-url", url, "--namespace", "bench-fake"],
-            FAKE_READY,
+        fake = ReadyProcess(
+            [sys.executable, __file__, "--serve-fake-worker", "--redis-url", url,
+             "--namespace", "bench-fake"],
             log_dir / "fake.log",
-        )
-        router = Process(
+            pattern=FAKE_READY,
+        )  # fmt: skip
+        router = ReadyProcess(
             [
+                sys.executable,
                 "-m",
                 "router",
                 "--redis-url",
@@ -371,8 +335,8 @@ def run_ttft(log_dir: Path, iterations: int, real: bool, real_iterations: int) -
                 "--log-level",
                 "WARNING",
             ],
-            ROUTER_READY,
             log_dir / "router-fake.log",
+            pattern=ROUTER_READY,
         )
         time.sleep(0.5)  # the router's registry view has seen the worker
         results["fake"] = bench_ttft(
@@ -408,8 +372,9 @@ def run_real(log_dir: Path, iterations: int, tokenizer: Any) -> dict:
         return text, (direct, routed)
 
     with LocalCluster([spec], log_dir, namespace="bench-real") as cluster:
-        router = Process(
+        router = ReadyProcess(
             [
+                sys.executable,
                 "-m",
                 "router",
                 "--redis-url",
@@ -421,8 +386,8 @@ def run_real(log_dir: Path, iterations: int, tokenizer: Any) -> dict:
                 "--log-level",
                 "WARNING",
             ],
-            ROUTER_READY,
             log_dir / "router-real.log",
+            pattern=ROUTER_READY,
         )
         try:
             time.sleep(0.5)

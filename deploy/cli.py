@@ -4,8 +4,9 @@
 existing cluster with ``--address``) and serves until Ctrl-C; ``pdserve status`` shows its
 pools and workers; ``pdserve check`` validates a Serve config offline (Serve's schema and
 pdserve's own checks); ``pdserve chat`` / ``pdserve generate`` stream a reply from a
-running router (``--local``: run the engine in this process instead, offline). The logic
-lives in the deploy and router modules; this file only parses arguments.
+running router (``--local``: run the engine in this process instead, offline);
+``pdserve bench`` is the end-to-end load generator (benchmarks/loadgen). The logic lives in
+the deploy, router and benchmarks modules; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
             "--local", action="store_true", help="no router: run the engine in this process"
         )
         command.set_defaults(handler=_stream, chat=chat)
+
+    from benchmarks.loadgen.cli import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

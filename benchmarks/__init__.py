@@ -1,0 +1,1 @@
+"""Benchmarks for pdserve; `benchmarks.loadgen` is the end-to-end load generator."""

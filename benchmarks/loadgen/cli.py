@@ -1,0 +1,176 @@
+"""``pdserve bench``: drive a server, run the comparison suite, or re-render a report.
+
+    pdserve bench run --target grpc://127.0.0.1:50051 --workload shared_prefix --rate 2
+    pdserve bench run --target http://127.0.0.1:8000 --model NAME --concurrency 4
+    pdserve bench suite [--quick] [--only disagg,routing,peer] [--out DIR]
+    pdserve bench report DIR/results.json [--out DIR]
+
+Each writes ``results.json``, ``report.md`` and the PNG plots into ``--out`` (default
+``benchmarks/results/e2e/<command>``) and prints the summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.loadgen.workload import WORKLOAD_KINDS, WorkloadSpec
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "e2e"
+_WORKLOAD_FLAGS = tuple(
+    f.name
+    for f in dataclasses.fields(WorkloadSpec)
+    if f.name not in ("kind", "seed", "extra") and f.type in ("int", "float")
+)
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``bench`` and its subcommands on the ``pdserve`` parser."""
+    bench = commands.add_parser("bench", help="end-to-end load generator and comparisons")
+    sub = bench.add_subparsers(required=True, metavar="BENCH_COMMAND")
+
+    run = sub.add_parser("run", help="drive one running server with one workload")
+    run.add_argument("--target", required=True, help="grpc://HOST:PORT or http://HOST:PORT")
+    run.add_argument("--model", default="", help="pool (gRPC) or model field (HTTP)")
+    run.add_argument("--workload", choices=WORKLOAD_KINDS, default="sharegpt")
+    for name in _WORKLOAD_FLAGS:
+        run.add_argument(f"--{name.replace('_', '-')}", dest=f"w_{name}", type=_number(name))
+    run.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    run.add_argument("--concurrency", type=int, default=4, help="closed loop (default 4)")
+    run.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
+    run.add_argument("--max-duration", type=float, default=300.0, help="no start after (s)")
+    run.add_argument("--drain", type=float, default=120.0, help="then wait this long (s)")
+    run.add_argument("--request-timeout", type=float, default=300.0)
+    run.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate max tokens past EOS (default: on for grpc://, off for http:// since "
+        "only some OpenAI servers know the field)",
+    )
+    run.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    run.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    run.add_argument("--slo-max-itl-ms", type=float, default=None)
+    run.add_argument("--label", default="", help="name of this run in the report")
+    run.add_argument("--model-dir", default=None, help="tokenizer dir (default: the model)")
+    run.add_argument("--out", type=Path, default=None)
+    run.set_defaults(handler=_run)
+
+    suite = sub.add_parser("suite", help="start each configuration locally and compare")
+    suite.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
+    suite.add_argument("--only", default=",".join(_scenarios()), help="comma-separated")
+    suite.add_argument("--out", type=Path, default=None)
+    suite.add_argument("--log-dir", type=Path, default=None, help="keep server logs here")
+    suite.set_defaults(handler=_suite)
+
+    report = sub.add_parser("report", help="re-render report.md and plots from results.json")
+    report.add_argument("results", type=Path)
+    report.add_argument("--out", type=Path, default=None)
+    report.set_defaults(handler=_report)
+
+
+def _scenarios() -> tuple[str, ...]:
+    from benchmarks.loadgen.suite import SCENARIOS
+
+    return SCENARIOS
+
+
+def _number(name: str) -> type:
+    field = next(f for f in dataclasses.fields(WorkloadSpec) if f.name == name)
+    return float if field.type == "float" else int
+
+
+def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
+    values = {name: getattr(args, f"w_{name}") for name in _WORKLOAD_FLAGS}
+    return WorkloadSpec(kind=args.workload, seed=args.seed).with_overrides(**values)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from benchmarks.loadgen.driver import LoadSpec
+    from benchmarks.loadgen.experiment import RunSpec, run_experiment
+    from benchmarks.loadgen.summary import Slo
+    from router.tokenizer import ModelTokenizer
+
+    try:
+        workload = workload_from_args(args)
+        load = LoadSpec(
+            mode="open" if args.rate else "closed",
+            rate=args.rate or 1.0,
+            concurrency=args.concurrency,
+            seed=args.seed,
+            max_duration_s=args.max_duration,
+            drain_s=args.drain,
+            request_timeout_s=args.request_timeout,
+            ignore_eos=_ignore_eos(args),
+        )
+    except ValueError as exc:
+        print(f"pdserve bench: {exc}", file=sys.stderr)
+        return 2
+    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_max_itl_ms)
+    tokenizer = ModelTokenizer.load(args.model_dir)
+    spec = RunSpec(args.label or args.target, workload, load, slo, args.model)
+    print(
+        f"{workload.kind}: {workload.total_requests} requests, {load.describe()}", file=sys.stderr
+    )
+    result = run_experiment(args.target, spec, tokenizer)
+    return _finish({"environment": _environment(), "runs": [result]}, args.out, "run")
+
+
+def _ignore_eos(args: argparse.Namespace) -> bool:
+    return args.target.startswith("grpc://") if args.ignore_eos is None else args.ignore_eos
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from benchmarks._cluster import exit_on_signals
+    from benchmarks.loadgen.suite import Plan, run_suite
+    from router.tokenizer import ModelTokenizer
+
+    scenarios = [s for s in args.only.split(",") if s]
+    unknown = set(scenarios) - set(_scenarios())
+    if unknown:
+        print(f"pdserve bench suite: unknown scenario(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    plan = Plan.quick() if args.quick else Plan()
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
+    print(f"server logs in {log_dir}", file=sys.stderr)
+    with exit_on_signals():
+        results = run_suite(plan, scenarios, log_dir, ModelTokenizer.load(None))
+    payload = {
+        "environment": _environment(),
+        "plan": dataclasses.asdict(plan),
+        "scenarios": results,
+    }
+    return _finish(payload, args.out, "suite")
+
+
+def _report(args: argparse.Namespace) -> int:
+    results = json.loads(args.results.read_text())
+    return _finish(results, args.out or args.results.parent, None)
+
+
+def _finish(results: dict[str, Any], out: Path | None, default_name: str | None) -> int:
+    from benchmarks.loadgen.report import run_table, write_report
+
+    target = out or RESULTS_DIR / (default_name or "report")
+    paths = write_report(results, target)
+    runs = list(results.get("runs", []))
+    for scenario in results.get("scenarios", {}).values():
+        runs += scenario.get("runs", [])
+    print("\n".join(run_table(runs)))
+    for name, scenario in results.get("scenarios", {}).items():
+        if scenario.get("goals"):
+            print(f"{name} goals: {json.dumps(scenario['goals'])}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    failed = sum(r["summary"]["failed"] for r in runs)
+    return 1 if failed and failed == sum(r["summary"]["requests"] for r in runs) else 0
+
+
+def _environment() -> dict[str, Any]:
+    from benchmarks._common import environment_info
+
+    return environment_info()

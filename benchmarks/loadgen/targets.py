@@ -1,0 +1,181 @@
+"""Targets: the servers a load run can drive, behind one small interface.
+
+    target = open_target("grpc://127.0.0.1:50051")        # pdserve's public API
+    target = open_target("http://127.0.0.1:8000", model="…")  # any OpenAI-compatible server
+    await target.send(request, record, clock, timeout_s)   # fills in the record
+    await target.close()
+
+``send`` never raises for a server-side failure: it writes the status into
+``record.error`` (the gRPC status name, ``HTTP_<code>``, ``TIMEOUT`` or ``CONNECTION``), so
+one bad request never ends a run. Cancellation (the run's deadline) propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Protocol
+
+from benchmarks.loadgen.record import ChatRequest, RequestRecord
+
+Clock = Callable[[], float]  # seconds since the run started
+
+
+class Target(Protocol):
+    name: str
+
+    async def send(
+        self, request: ChatRequest, record: RequestRecord, clock: Clock, timeout_s: float
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_target(url: str, model: str = "") -> Target:
+    """``grpc://host:port`` → :class:`GrpcTarget`; ``http(s)://…`` → :class:`OpenAITarget`."""
+    if url.startswith("grpc://"):
+        return GrpcTarget(url.removeprefix("grpc://"), model)
+    if url.startswith(("http://", "https://")):
+        return OpenAITarget(url, model)
+    raise ValueError(f"target {url!r}: expected grpc://HOST:PORT or http://HOST:PORT")
+
+
+class GrpcTarget:
+    """pdserve's router: ``Generation.Generate`` with chat messages, one channel."""
+
+    def __init__(self, address: str, model: str = "") -> None:
+        import grpc
+
+        from proto import serving_pb2_grpc
+
+        self.name = f"grpc://{address}"
+        self._model = model
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = serving_pb2_grpc.GenerationStub(self._channel)
+
+    async def send(
+        self, request: ChatRequest, record: RequestRecord, clock: Clock, timeout_s: float
+    ) -> None:
+        import grpc
+
+        from router.client import FINISH_NAMES, build_request
+
+        message = build_request(
+            messages=[(m["role"], m["content"]) for m in request.messages],
+            model=self._model,
+            request_id=request.request_id,
+            max_tokens=request.max_tokens,
+            ignore_eos=request.ignore_eos,
+        )
+        parts: list[str] = []
+        record.sent_s = clock()
+        try:
+            async for response in self._stub.Generate(message, timeout=timeout_s):
+                if response.token_ids:
+                    record.add_chunk(clock(), len(response.token_ids))
+                parts.append(response.text)
+                if response.HasField("route"):
+                    r = response.route
+                    record.route = f"{r.prefill_worker or '-'}>{r.decode_worker}"
+                if response.finish_reason:
+                    record.finish_reason = FINISH_NAMES.get(response.finish_reason, "?")
+                if response.HasField("usage"):
+                    record.prompt_tokens = response.usage.prompt_tokens
+                    record.cached_tokens = response.usage.cached_tokens
+                    record.output_tokens = response.usage.completion_tokens
+        except grpc.aio.AioRpcError as exc:
+            record.error = exc.code().name
+        record.end_s = clock()
+        record.reply = "".join(parts)
+        if not record.output_tokens:
+            record.output_tokens = sum(record.chunk_tokens)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class OpenAITarget:
+    """``POST /v1/chat/completions`` with ``stream: true``, read as server-sent events."""
+
+    def __init__(self, base_url: str, model: str) -> None:
+        self.name = base_url
+        self._url = base_url.rstrip("/") + "/v1/chat/completions"
+        self._model = model
+        self._session = None
+
+    async def _client(self):  # type: ignore[no-untyped-def]
+        import aiohttp
+
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0)  # the run bounds concurrency itself
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    def body(self, request: ChatRequest) -> dict:
+        body = {
+            "model": self._model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.ignore_eos:  # a vLLM / SGLang extension; strict servers reject it (422)
+            body["ignore_eos"] = True
+        return body
+
+    async def send(
+        self, request: ChatRequest, record: RequestRecord, clock: Clock, timeout_s: float
+    ) -> None:
+        import aiohttp
+
+        session = await self._client()
+        parts: list[str] = []
+        record.sent_s = clock()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with session.post(self._url, json=self.body(request)) as response:
+                    if response.status != 200:
+                        record.error = f"HTTP_{response.status}"
+                    else:
+                        async for line in response.content:
+                            _read_event(line, record, parts, clock)
+        except TimeoutError:
+            record.error = "TIMEOUT"
+        except aiohttp.ClientError:
+            record.error = "CONNECTION"
+        record.end_s = clock()
+        record.reply = "".join(parts)
+        if not record.output_tokens:
+            record.output_tokens = sum(record.chunk_tokens)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _read_event(line: bytes, record: RequestRecord, parts: list[str], clock: Clock) -> None:
+    """One SSE line: ``data: {chunk}`` (a content delta, a finish reason, usage) or
+    ``data: [DONE]``; anything else (comments, blank lines) is ignored."""
+    text = line.decode("utf-8", errors="replace").strip()
+    if not text.startswith("data:"):
+        return
+    payload = text.removeprefix("data:").strip()
+    if payload == "[DONE]":
+        return
+    chunk = json.loads(payload)
+    for choice in chunk.get("choices") or ():
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            record.add_chunk(clock(), 1)  # one streamed delta; usage gives the token total
+            parts.append(content)
+        if choice.get("finish_reason"):
+            record.finish_reason = choice["finish_reason"]
+    usage = chunk.get("usage")
+    if usage:
+        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        record.output_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        if details.get("cached_tokens") is not None:
+            record.cached_tokens = int(details["cached_tokens"])
