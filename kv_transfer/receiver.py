@@ -39,8 +39,8 @@ class TorchDistReceiver(KVReceiver):
         self.handshake = handshake_for(cache, model)
         self.stats = stats or TransferStats()
         cfg = self.config
-        store, self._socket = start_store(cfg.host, cfg.port, cfg.connect_timeout_s)
-        self._address = PeerAddress(cfg.host, self._socket.getsockname()[1])
+        store, port = start_store(cfg.host, cfg.port, cfg.connect_timeout_s)
+        self._address = PeerAddress(cfg.host, port)
         self._expected = ExpectedTransfers(store, self.stats, cfg.max_chunk_bytes)
         self._lock = threading.Lock()
         self._pairs: dict[int, ReceiverPair] = {}

@@ -5,17 +5,21 @@ at a time, in the order the sender sent them, into the blocks the caller reserve
 ``expect``. A transfer's life here:
 
     expected (registered, waiting; fails by itself at its deadline)
-      → claimed by a pair on BEGIN (checks: known id, still pending, same block count)
-      → landing (frame by frame, in layer order; ``layers_landed`` grows)
+      → claimed by a pair on BEGIN (with the sender's runs; checks: known id, still
+        pending, same block count) → ACCEPT (with our runs): both sides know the plan
+      → landing (frame by frame, in layer order, :class:`~kv_transfer.landing.Landing`;
+        ``layers_landed`` grows)
       → done | failed  → RESULT tells the sender
 
-Landing chunk i overlaps receiving the next ``pipeline_depth - 1`` frames, whose receives
-are already posted. Failure handling:
+Landing frame i overlaps receiving the next frames, whose receives are already posted.
+Failure handling:
 
-* ``abort()`` / deadline / ``close()`` make the transfer terminal at once (its ``release``
-  runs). If it was already on the wire, an abort flag in the store tells the sender, who
-  answers with ABORT frames; meanwhile the pair drains (receives without landing), so no
-  block is written after ``release`` and the pair stays usable.
+* ``abort()`` / deadline / ``close()`` make the transfer terminal at once; its ``release``
+  runs as soon as the direct pieces already posted into its blocks have arrived (they are
+  posted only for frames the sender has committed to). If it was already on the wire, an
+  abort flag in the store tells the sender, who answers with ABORT frames; meanwhile the
+  pair drains (receives into staging and scratch without landing), so no block is written
+  after ``release`` and the pair stays usable.
 * The sender's abort arrives as ABORT frames; its death as a broken connection, which
   fails the transfer in flight and ends the pair (a restarted sender joins anew).
 """
@@ -26,29 +30,29 @@ import logging
 import threading
 from collections.abc import Callable
 
-import torch
 import torch.distributed as dist
 
 from engine.kv_cache import KVCache
 from kv_transfer.errors import ProtocolError, TransferError
 from kv_transfer.expected import ExpectedTransfers
-from kv_transfer.packing import Staging, block_index, layer_block_bytes, unpack
+from kv_transfer.landing import Landing
+from kv_transfer.packing import Staging, layer_block_bytes, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group
+from kv_transfer.segments import Segment, direct_blocks, long_runs, plan_frames
 from kv_transfer.torch_dist import Link, classify, wire_timeout
 from kv_transfer.transfer import RecvTransfer
 from kv_transfer.types import PeerAddress, TransferConfig, TransferState
 from kv_transfer.wire import (
     CODE_MODES,
-    HEADER_BYTES,
+    CTRL_RUNS,
     TAG_CTRL,
-    TAG_DATA,
-    Chunk,
     Header,
     Kind,
     Reason,
     error_reason,
-    plan_chunks,
+    read_runs,
     reason_error,
+    write_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -77,7 +81,9 @@ class ReceiverPair:
         self._layer_block_bytes = layer_block_bytes(cache.layout)
         self._depth = config.pipeline_depth
         self._staging = Staging(cache.device, slots=self._depth)
-        self._thread = threading.Thread(target=self._run, name=f"kv-recv-{index}", daemon=True)
+        self._thread = threading.Thread(
+            target=run_in_inference_mode, args=(self._run,), name=f"kv-recv-{index}", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -114,12 +120,13 @@ class ReceiverPair:
 
     def _serve(self, link: Link, begin: Header) -> bool:
         """One transfer; False when the pair should close (receiver shutting down)."""
+        src_runs = read_runs(self._staging.rx_control, begin.runs, begin.num_blocks)
         transfer, reason = self._expected.claim(begin)
         if transfer is None:
             self._reply(link, Kind.REJECT, begin, reason, None)
             return reason is not Reason.CLOSING
         try:
-            self._land(link, begin, transfer)
+            self._land(link, begin, transfer, src_runs)
         except Exception as exc:  # whatever broke, the blocks go back and the pair closes
             error = classify(exc, f"landing {transfer.transfer_id}")
             transfer._fail(error)
@@ -128,87 +135,41 @@ class ReceiverPair:
             self._expected.settle(begin.key)
         return True
 
-    def _land(self, link: Link, begin: Header, transfer: RecvTransfer) -> None:
-        layout = self._cache.layout
-        n = len(transfer.block_ids)
-        plan = plan_chunks(
-            n, layout.num_layers, self._layer_block_bytes, CODE_MODES[begin.code], begin.value
+    def _land(
+        self, link: Link, begin: Header, transfer: RecvTransfer, src_runs: tuple[Segment, ...]
+    ) -> None:
+        layout, grace = self._cache.layout, self._config.grace_s
+        mode = CODE_MODES[begin.code]
+        min_blocks = direct_blocks(begin.direct, self._layer_block_bytes)
+        dst_runs = long_runs(transfer.block_ids, min_blocks, CTRL_RUNS)
+        plan = plan_frames(
+            len(transfer.block_ids),
+            layout.num_layers,
+            self._layer_block_bytes,
+            mode,
+            begin.value,
+            begin.direct,
+            src_runs,
+            dst_runs,
         )
-        ids = block_index(transfer.block_ids, self._cache.device)
-        # Frames i .. i+depth-1 stay posted while frame i lands (the sender relies on it).
-        depth = self._depth
-        posted = [self._post(link, plan, i) for i in range(min(depth, len(plan)))]
+        landing = Landing(
+            link, self._staging, self._cache, transfer, begin, plan, mode, self._depth, grace
+        )
+        # The first frames are posted before ACCEPT: the sender starts on it.
+        landing.post_ahead()
         # Not waited for here: under CPU contention its completion can lag the first frame.
-        accept = self._reply(link, Kind.ACCEPT, begin, Reason.OK, transfer, wait=False, value=depth)
-        sender_code: int | None = None
-        for chunk in plan:
-            header, frame = self._next_frame(link, transfer, begin, posted, chunk.index)
-            if header.kind is Kind.ABORT:
-                sender_code = header.code
-                for filler in range(chunk.index + 1, min(chunk.index + depth, len(plan))):
-                    self._next_frame(link, transfer, begin, posted, filler)
-                break
-            self._land_chunk(transfer, ids, chunk, frame)
-            if chunk.index + depth < len(plan):
-                posted[chunk.index % depth] = self._post(link, plan, chunk.index + depth)
-        if sender_code is not None:
-            transfer._fail(reason_error(sender_code, transfer.transfer_id, self.peer))
+        accept = self._reply(
+            link, Kind.ACCEPT, begin, Reason.OK, transfer, wait=False, value=self._depth,
+            runs=dst_runs,
+        )  # fmt: skip
+        landing.run()
+        if landing.sender_code is not None:
+            transfer._fail(reason_error(landing.sender_code, transfer.transfer_id, self.peer))
         else:
             transfer._succeed()
         code = Reason.OK if transfer.state is TransferState.DONE else error_reason(transfer.error)
-        link.wait(accept, wire_timeout(transfer, self._config.grace_s), "ACCEPT")
+        link.wait(accept, wire_timeout(transfer, grace), "ACCEPT")
         self._reply(link, Kind.RESULT, begin, code, transfer)
-
-    def _next_frame(
-        self,
-        link: Link,
-        transfer: RecvTransfer,
-        begin: Header,
-        posted: list[tuple[dist.Work, torch.Tensor]],
-        index: int,
-    ) -> tuple[Header, torch.Tensor]:
-        work, frame = posted[index % self._depth]
-        link.wait(work, wire_timeout(transfer, self._config.grace_s), "DATA")
-        header = Header.read(frame)
-        if (
-            header.kind not in (Kind.DATA, Kind.ABORT)
-            or header.key != begin.key
-            or header.seq != begin.seq
-            or header.index != index
-            or (header.kind is Kind.DATA and header.value != frame.numel() - HEADER_BYTES)
-        ):
-            raise ProtocolError(
-                f"{transfer.transfer_id}: expected frame {index} of seq {begin.seq}, got {header}"
-            )
-        return header, frame
-
-    def _land_chunk(
-        self, transfer: RecvTransfer, ids: torch.Tensor, chunk: Chunk, frame: torch.Tensor
-    ) -> None:
-        failure: Exception | None = None
-        nbytes = 0
-        with transfer._touching_blocks() as live:
-            if live:  # else: aborted or timed out here; drain without touching the blocks
-                try:
-                    nbytes = unpack(self._cache, ids, chunk, frame)
-                except Exception as exc:
-                    failure = exc
-        if failure is not None:
-            transfer._fail(
-                TransferError(
-                    f"{transfer.transfer_id}: landing chunk {chunk.index} failed: {failure}"
-                )
-            )
-        elif live:
-            transfer._progress(nbytes, chunk.layers_complete(len(transfer.block_ids)))
-
-    def _post(
-        self, link: Link, plan: tuple[Chunk, ...], index: int
-    ) -> tuple[dist.Work, torch.Tensor]:
-        frame = self._staging.frame(
-            index % self._depth, plan[index].nbytes(self._layer_block_bytes)
-        )
-        return link.irecv(frame, TAG_DATA), frame
 
     def _reply(
         self,
@@ -219,11 +180,13 @@ class ReceiverPair:
         transfer: RecvTransfer | None,
         wait: bool = True,
         value: int = 0,
+        runs: tuple[Segment, ...] = (),
     ) -> dist.Work:
         """Send a control frame; waits for it unless ``wait`` is False (then the caller
         must wait before ``tx_control`` is written again)."""
         tx = self._staging.tx_control
-        Header(kind, begin.key, begin.seq, code=int(code), value=value).write(tx)
+        Header(kind, begin.key, begin.seq, code=int(code), value=value, runs=len(runs)).write(tx)
+        write_runs(tx, runs)
         work = link.isend(tx, TAG_CTRL)
         if wait:
             timeout = (

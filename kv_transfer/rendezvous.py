@@ -54,22 +54,28 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def start_store(host: str, port: int, timeout_s: float) -> tuple[dist.TCPStore, socket.socket]:
-    """A store server on a socket we bound (so it never listens beyond ``host``)."""
+def start_store(host: str, port: int, timeout_s: float) -> tuple[dist.TCPStore, int]:
+    """A store server on a socket we bound (so it never listens beyond ``host``); returns
+    the store and its port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
+    bound = sock.getsockname()[1]
     store = dist.TCPStore(
         host,
-        sock.getsockname()[1],
+        bound,
         None,
         True,
         _td(timeout_s),
         wait_for_workers=False,
         master_listen_fd=sock.fileno(),
     )
-    return store, sock  # the caller keeps the socket object alive as long as the store
+    # The store owns the listening descriptor now and closes it when it goes; a Python
+    # socket object closing it too would close whatever reused that number meanwhile
+    # (seen as "Broken pipe" on another pair's store connection when receivers come and go).
+    sock.detach()
+    return store, bound
 
 
 def connect_store(address: PeerAddress, timeout_s: float) -> dist.TCPStore:

@@ -3,16 +3,19 @@
 A transfer's life here, per receiver pair (one thread each, FIFO — so transfers to one
 receiver are ordered):
 
-    queued → connecting (join on first use or after a teardown) → BEGIN/ACCEPT
-           → streaming (frame by frame; layer-wise waits for each layer to be marked ready)
+    queued → connecting (join on first use or after a teardown)
+           → BEGIN (with our runs) / ACCEPT (with the receiver's): both sides know the plan
+           → streaming (frame by frame: header + staged payload, then the direct pieces
+             straight from the cache; layer-wise waits for each layer to be marked ready)
            → RESULT → done | failed
 
-Packing a chunk overlaps sending the previous ones (``pipeline_depth`` staging frames).
+Packing a frame overlaps sending the previous ones (``pipeline_depth`` frames in flight).
 Failure handling:
 
-* ``abort()`` / deadline / ``close()`` make the transfer terminal at once (its ``release``
-  runs); the pair thread notices at the next frame and sends ABORT frames, so the
-  receiver fails its side too and the pair stays usable.
+* ``abort()`` / deadline / ``close()`` make the transfer terminal at once; its ``release``
+  runs once the direct pieces already on the wire have been read (at most the frames in
+  flight; ``abort()`` returns after that). The pair thread notices at the next frame and
+  sends ABORT frames, so the receiver fails its side too and the pair stays usable.
 * The receiver's abort or timeout reaches us as a store flag that the monitor polls.
 * A broken or timed-out connection fails the transfer in flight and drops the pair; the
   next transfer joins again (a restarted receiver is just a new join). A pair that fails
@@ -27,28 +30,29 @@ import threading
 import time
 from collections import deque
 
-import torch
 import torch.distributed as dist
 
 from engine.kv_cache import KVCache
 from kv_transfer.errors import PeerLost, ProtocolError, TransferAborted, TransferError
-from kv_transfer.packing import Staging, block_index, layer_block_bytes, pack
+from kv_transfer.packing import Staging, layer_block_bytes, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
+from kv_transfer.segments import Frame, direct_blocks, long_runs, plan_frames
+from kv_transfer.streaming import Streaming
 from kv_transfer.torch_dist import Link, classify, wire_timeout
 from kv_transfer.transfer import SendTransfer
-from kv_transfer.types import Handshake, PeerAddress, TransferConfig, TransferMode
+from kv_transfer.types import Handshake, PeerAddress, TransferConfig
 from kv_transfer.wire import (
+    CTRL_RUNS,
     MODE_CODES,
     TAG_CTRL,
-    TAG_DATA,
-    Chunk,
     Header,
     Kind,
     Reason,
     error_reason,
-    plan_chunks,
+    read_runs,
     reason_error,
     transfer_key,
+    write_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,12 @@ class SenderPair:
         self._rendezvous: dist.TCPStore | None = None  # the group's store client
         self._control: dist.TCPStore | None = None  # monitor-only client (flags)
         self._seq = 0
-        self._thread = threading.Thread(target=self._run, name=f"kv-send-{address}", daemon=True)
+        self._thread = threading.Thread(
+            target=run_in_inference_mode,
+            args=(self._run,),
+            name=f"kv-send-{address}",
+            daemon=True,
+        )
         self._thread.start()
 
     # ---- called from other threads -----------------------------------------------------
@@ -153,7 +162,7 @@ class SenderPair:
             reused = self._link is not None
             try:
                 link = self._connect(transfer)
-                accepted = self._begin(link, transfer)
+                plan = self._begin(link, transfer)
             except PeerLost as exc:
                 self._teardown()
                 if attempt == 0 and reused and not transfer.state.terminal:
@@ -166,12 +175,12 @@ class SenderPair:
                 transfer._fail(exc)
                 return
             break
-        if not accepted:
+        if plan is None:
             return
         with self._cond:
             self._accepted = True
         try:
-            self._stream(link, transfer)
+            self._stream(link, transfer, plan)
         except TransferError as exc:
             self._teardown()
             transfer._fail(exc)
@@ -196,104 +205,59 @@ class SenderPair:
             self._control = control
         return self._link
 
-    def _begin(self, link: Link, transfer: SendTransfer) -> bool:
-        """BEGIN → ACCEPT | REJECT; False (and the transfer failed) on REJECT."""
+    def _begin(self, link: Link, transfer: SendTransfer) -> tuple[Frame, ...] | None:
+        """BEGIN → ACCEPT | REJECT, each listing its side's runs; the frame plan, or None
+        (and the transfer failed) on REJECT."""
         self._seq += 1
-        staging, grace = self._staging, self._config.grace_s
+        staging, cfg, layout = self._staging, self._config, self._cache.layout
+        n = len(transfer.block_ids)
+        min_blocks = direct_blocks(cfg.direct_min_bytes, self._layer_block_bytes)
+        src_runs = long_runs(transfer.block_ids, min_blocks, CTRL_RUNS)
         reply = link.irecv(staging.rx_control, TAG_CTRL)  # posted first: R never waits on us
         Header(
             Kind.BEGIN,
             transfer_key(transfer.transfer_id),
             self._seq,
-            num_blocks=len(transfer.block_ids),
+            num_blocks=n,
             code=MODE_CODES[transfer.mode],
-            value=self._config.chunk_bytes,
+            value=cfg.chunk_bytes,
+            runs=len(src_runs),
+            direct=cfg.direct_min_bytes,
         ).write(staging.tx_control)
+        write_runs(staging.tx_control, src_runs)
         begin = link.isend(staging.tx_control, TAG_CTRL)
-        link.wait(reply, wire_timeout(transfer, grace), "ACCEPT")
-        link.wait(begin, wire_timeout(transfer, grace), "BEGIN")  # delivered, if answered
+        link.wait(reply, wire_timeout(transfer, cfg.grace_s), "ACCEPT")
+        link.wait(begin, wire_timeout(transfer, cfg.grace_s), "BEGIN")  # delivered, if answered
         header = self._expect(transfer, (Kind.ACCEPT, Kind.REJECT))
         if header.kind is Kind.REJECT:
             transfer._fail(reason_error(header.code, transfer.transfer_id, link.peer))
-            return False
+            return None
         self._peer_depth = max(1, header.value)
-        return True
-
-    def _stream(self, link: Link, transfer: SendTransfer) -> None:
-        layout = self._cache.layout
-        plan = plan_chunks(
-            len(transfer.block_ids),
+        dst_runs = read_runs(staging.rx_control, header.runs, n)
+        return plan_frames(
+            n,
             layout.num_layers,
             self._layer_block_bytes,
             transfer.mode,
-            self._config.chunk_bytes,
+            cfg.chunk_bytes,
+            cfg.direct_min_bytes,
+            src_runs,
+            dst_runs,
         )
-        ids = block_index(transfer.block_ids, self._cache.device)
+
+    def _stream(self, link: Link, transfer: SendTransfer, plan: tuple[Frame, ...]) -> None:
         result = link.irecv(self._staging.rx_control, TAG_CTRL)
-        sends: list[dist.Work | None] = [None] * self._depth
-        for chunk in plan:
-            slot = chunk.index % self._depth
-            self._drain(link, transfer, sends, slot)
-            frame = self._staging.frame(slot, chunk.nbytes(self._layer_block_bytes))
-            nbytes = self._fill(transfer, ids, chunk, frame)
-            if nbytes is None:  # ended (abort, timeout, peer's abort): tell the receiver
-                self._send_abort(link, transfer, plan, chunk.index, sends)
-                break
-            sends[slot] = link.isend(frame, TAG_DATA)
-            transfer._progress(nbytes, chunk.layers_complete(len(transfer.block_ids)))
-        for slot in range(self._depth):
-            self._drain(link, transfer, sends, slot)
-        link.wait(result, wire_timeout(transfer, self._config.grace_s), "RESULT")
+        grace = self._config.grace_s
+        Streaming(
+            link, self._staging, self._cache, transfer, self._seq, plan, self._depth,
+            self._peer_depth, grace,
+        ).run()  # fmt: skip
+        link.wait(result, wire_timeout(transfer, grace), "RESULT")
         header = self._expect(transfer, (Kind.RESULT,))
         if header.code == Reason.OK:
             transfer._succeed()
         else:
             transfer._fail(reason_error(header.code, transfer.transfer_id, link.peer))
-
-    def _fill(
-        self, transfer: SendTransfer, ids: torch.Tensor, chunk: Chunk, frame: torch.Tensor
-    ) -> int | None:
-        """Pack the chunk into ``frame``; None if the transfer ended first."""
-        if transfer.mode is TransferMode.LAYERWISE:
-            while not transfer._wait_layers(
-                chunk.layer_stop, max(transfer.deadline - time.monotonic(), 0.0) + 0.01
-            ):
-                if transfer.state.terminal:
-                    return None
-                transfer._expire(time.monotonic())
-        with transfer._touching_blocks() as live:
-            if not live:
-                return None
-            nbytes = pack(self._cache, ids, chunk, frame)
-        Header(
-            Kind.DATA, transfer_key(transfer.transfer_id), self._seq, chunk.index, value=nbytes
-        ).write(frame)
-        return nbytes
-
-    def _send_abort(
-        self,
-        link: Link,
-        transfer: SendTransfer,
-        plan: tuple[Chunk, ...],
-        index: int,
-        sends: list[dist.Work | None],
-    ) -> None:
-        """ABORT(index) plus the filler ABORTs for the frames the receiver has posted."""
-        code = error_reason(transfer.error)
-        key = transfer_key(transfer.transfer_id)
-        for i in range(index, min(index + self._peer_depth, len(plan))):
-            slot = i % self._depth
-            self._drain(link, transfer, sends, slot)
-            frame = self._staging.frame(slot, plan[i].nbytes(self._layer_block_bytes))
-            Header(Kind.ABORT, key, self._seq, i, code=code).write(frame)
-            sends[slot] = link.isend(frame, TAG_DATA)
-
-    def _drain(
-        self, link: Link, transfer: SendTransfer, sends: list[dist.Work | None], slot: int
-    ) -> None:
-        work, sends[slot] = sends[slot], None
-        if work is not None:
-            link.wait(work, wire_timeout(transfer, self._config.grace_s), "DATA")
 
     def _expect(self, transfer: SendTransfer, kinds: tuple[Kind, ...]) -> Header:
         header = Header.read(self._staging.rx_control)

@@ -21,6 +21,7 @@ pair alive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -113,6 +114,56 @@ class Link:
         if self.group is None:
             raise PeerLost(f"pair with {self.peer} is closed")
         return self.group
+
+
+class FrameOps:
+    """The wire operations of one frame, and the lease on the transfer's blocks they hold
+    when some of them read or write the blocks in place (direct pieces).
+
+    The lease ends only once every operation is through: completed, or its pair closed.
+    gloo closes the pair when a wait fails or times out (under the pair's lock, which its IO
+    thread holds while it reads or writes a buffer), so after that nothing touches the
+    buffers again; NCCL's communicator is aborted by ``Link.close``.
+    """
+
+    ABANDON_WAIT_S = 0.001  # error path: a pending op ends here, closing the pair
+
+    def __init__(self, transfer: Transfer | None) -> None:
+        self.transfer = transfer  # leased (``_lease()`` returned True), or None
+        self.works: list[dist.Work] = []
+
+    def finish(self, link: Link, timeout_s: float, what: str) -> None:
+        """Wait until every operation is through, then end the lease; on a failure abandon
+        the rest (which closes the link) and re-raise.
+
+        Only the last one is waited for: a frame's operations share one pair and tag, which
+        carry messages one after the other in posting order (one socket for gloo, one
+        stream for NCCL), so its completion covers the others — and each wait that blocks
+        costs a thread wake-up, which on a busy 2-core box is worth more than a message."""
+        if self.works:
+            try:
+                link.wait(self.works[-1], timeout_s, what)
+            except BaseException:
+                self.works.pop()  # a gloo op must not be waited for twice
+                self.abandon(link)
+                raise
+        self.works.clear()
+        self._end()
+
+    def abandon(self, link: Link) -> None:
+        """Error path: end whatever is still pending — a wait that times out closes the
+        pair, so the rest fail at once — close the link, then end the lease."""
+        for work in self.works:
+            with contextlib.suppress(TransferError):
+                link.wait(work, self.ABANDON_WAIT_S, "abandoning")
+        self.works.clear()
+        link.close()
+        self._end()
+
+    def _end(self) -> None:
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None:
+            transfer._unlease()
 
 
 class Monitor:

@@ -6,19 +6,29 @@ non-terminal state: ``abort()``, its deadline, the peer's abort, a broken connec
 The block contract, which is what makes stranded or reused blocks impossible:
 
 * The caller passes a ``release`` callable when it registers the transfer. The transfer
-  invokes it exactly once, with itself, right after it becomes terminal, whatever the
-  cause (done, abort, timeout, peer death, endpoint close). ``wait()`` returns only after
-  ``release`` has run. Senders typically unpin/free their source blocks there; receivers
-  hand the blocks to decode if ``state is DONE`` and free them otherwise.
-* The transport reads (sender) or writes (receiver) the caller's blocks only inside
-  ``_touching_blocks()``, which holds the transfer's lock and reports whether the transfer
-  is still live. The terminal transition takes the same lock, so once a transfer is
-  terminal — and therefore before ``release`` runs — the transport never touches its blocks
-  again, even if frames of it are still draining off the wire.
+  invokes it exactly once, with itself, after it became terminal, whatever the cause
+  (done, abort, timeout, peer death, endpoint close). Senders typically unpin/free their
+  source blocks there; receivers hand the blocks to decode if ``state is DONE`` and free
+  them otherwise.
+* The transport reads (sender) or writes (receiver) the caller's blocks only while it
+  holds the transfer's lock (``_touching_blocks()``: the fake transport's copies) or a
+  *lease* (``_lease()`` … ``_unlease()``: the torch transport's copies, and its wire
+  operations that read or write the blocks in place, direct pieces). Both are granted
+  only while the transfer is live. A terminal transition takes the lock and refuses new
+  leases at once, but ``release`` waits for the leases already out: it runs right away if
+  there are none, else on the transport thread that returns the last one — at most the
+  wire time of the frames in flight, since every lease covers operations the peer is
+  already committed to (a stalled connection bounds it by the wire timeout, after which
+  the pair is torn down and its operations end). So once ``release`` has run the
+  transport never touches the blocks again, even if frames of the transfer are still
+  draining off the wire.
+* ``abort()`` and ``wait()`` return only after ``release`` has run: when ``abort()``
+  returns, the blocks are the caller's again, whoever ended the transfer.
 
 ``release`` runs on whichever thread made the transfer terminal (a transport thread, the
-deadline monitor, or the caller inside ``abort()``); it must be quick and thread-safe,
-e.g. post the block ids to the worker's event loop.
+deadline monitor, or the caller inside ``abort()``) or on the transport thread that
+returned the last lease; it must be quick and thread-safe, e.g. post the block ids to the
+worker's event loop.
 """
 
 from __future__ import annotations
@@ -75,6 +85,9 @@ class Transfer:
         self._bytes = 0
         self._layers_done = 0
         self._metrics: TransferMetrics | None = None
+        self._leases = 0  # wire operations that may still read / write the blocks in place
+        self._release_due = False  # terminal, waiting for the last lease to run release
+        self._releasing: threading.Thread | None = None  # the thread running release
 
     # ---- caller side -------------------------------------------------------------------
 
@@ -111,8 +124,14 @@ class Transfer:
         return self._state
 
     def abort(self, reason: str = "aborted") -> bool:
-        """Fail the transfer now; True if this call ended it (False if already terminal)."""
-        return self._fail(TransferAborted(f"{self.transfer_id}: {reason}"))
+        """Fail the transfer now; True if this call ended it (False if already terminal).
+
+        Returns once ``release`` has run (after the frames in flight, if any, are through),
+        so the blocks are the caller's again, whoever ended the transfer."""
+        ended = self._fail(TransferAborted(f"{self.transfer_id}: {reason}"))
+        if threading.current_thread() is not self._releasing:  # not from inside release
+            self._finished.wait()
+        return ended
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.transfer_id} {self._state.value}>"
@@ -133,6 +152,26 @@ class Transfer:
         """Hold the lock while reading/writing the caller's blocks; yields "still live"."""
         with self._lock:
             yield not self._state.terminal
+
+    def _lease(self) -> bool:
+        """Let wire operations read / write the blocks in place until ``_unlease``; False
+        (and no lease) if the transfer is already terminal."""
+        with self._lock:
+            if self._state.terminal:
+                return False
+            self._leases += 1
+            return True
+
+    def _unlease(self) -> None:
+        """Return a lease once its operations are complete (or their pair is closed); the
+        last one out after the terminal transition runs ``release``."""
+        with self._lock:
+            self._leases -= 1
+            due = self._release_due and self._leases == 0
+            if due:
+                self._release_due = False
+        if due:
+            self._run_release()
 
     def _progress(self, nbytes: int, layers_done: int) -> None:
         with self._cond:
@@ -160,20 +199,26 @@ class Transfer:
             self._ended_at = time.monotonic()
             # Set with the state, so whoever sees a terminal state also sees the metrics.
             self._metrics = self._make_metrics()
+            deferred = self._release_due = self._leases > 0
             self._cond.notify_all()  # wakes a sender waiting for a layer that will never come
         if self._stats is not None:
             self._stats.record(self._metrics)
+        if error is not None and self._on_failure is not None:
+            try:  # before release: it tells the peer to stop, which may end the leases
+                self._on_failure(self, error)
+            except Exception:
+                log.exception("failure hook of %s raised", self.transfer_id)
+        if not deferred:
+            self._run_release()
+        return True
+
+    def _run_release(self) -> None:
+        self._releasing = threading.current_thread()
         try:
             self._release(self)
         except Exception:  # the transport must survive a buggy callback
             log.exception("release callback of %s raised", self.transfer_id)
-        if error is not None and self._on_failure is not None:
-            try:
-                self._on_failure(self, error)
-            except Exception:
-                log.exception("failure hook of %s raised", self.transfer_id)
         self._finished.set()
-        return True
 
     def _make_metrics(self) -> TransferMetrics:
         ended = self._ended_at if self._ended_at is not None else time.monotonic()

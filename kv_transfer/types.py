@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: run exchange and direct pieces
 
 
 class TransferState(Enum):
@@ -138,6 +138,14 @@ class TransferConfig:
     # (measured on the 2-core dev VM) 16 MiB frames beat 4 MiB ones; the plan's small
     # first and last frames keep the pipeline's fill and drain short anyway.
     chunk_bytes: int = 16 << 20
+    # K (or V) of a run of blocks that is contiguous on both sides moves straight from the
+    # sender's cache into the receiver's (no gather, staging or scatter) when that piece
+    # is at least this big; smaller pieces are staged, because each message costs a fixed
+    # overhead. On the 2-core dev VM (interleaved A/B runs, default model) direct pieces
+    # of >= ~200 KiB clearly beat staging, 128-200 KiB ones about break even, and the
+    # threshold of 128 KiB did best on block-manager ids (benchmarks/kv_transfer.py,
+    # --direct-kib).
+    direct_min_bytes: int = 128 << 10
     # Frames in flight per pair: the receiver keeps this many receives posted (posting
     # while gloo's IO thread streams into the pair stalls on the pair's lock, so posting
     # ahead keeps the wire busy), the sender this many sends. Staging costs up to
@@ -155,6 +163,8 @@ class TransferConfig:
             raise ValueError(f"port out of range: {self.port}")
         if not 0 < self.chunk_bytes <= self.max_chunk_bytes:
             raise ValueError("need 0 < chunk_bytes <= max_chunk_bytes")
+        if self.direct_min_bytes < 0:
+            raise ValueError("direct_min_bytes must be >= 0")
         if not 2 <= self.pipeline_depth <= 64:
             raise ValueError("pipeline_depth must be in [2, 64]")
         for name in ("timeout_s", "connect_timeout_s", "grace_s", "poll_interval_s"):

@@ -1,30 +1,37 @@
 """The wire protocol over one (sender, receiver) pair's 2-rank process group.
 
-Every message is a *frame*: a byte tensor whose first 64 bytes are a :class:`Header`
-(8 little-endian int64 words), followed by a payload for data frames. Frame sizes are always
-known to the receiving side in advance — gloo aborts the process if a message is larger
-than the posted buffer, and NCCL needs exact sizes — so the sizes follow from the chunk
-plan, which both sides compute from the BEGIN header with :func:`plan_chunks`.
+Every message is a *frame* (a byte tensor whose first 128 bytes are a :class:`Header`, 16
+little-endian int64 words, then a payload) or a *direct piece* (a contiguous slice of the
+KV cache, no header; see :mod:`kv_transfer.segments`). Control frames are always
+``CTRL_BYTES`` (4 KiB): BEGIN and ACCEPT list the side's long runs after the header, so
+the run exchange costs no extra message or round trip. Data sizes are always known to the
+receiving side in advance — gloo aborts the process if a message is larger than the posted
+buffer, and NCCL needs exact sizes — so they follow from the plan both sides compute from
+BEGIN and the two run lists. NCCL has no tags and gloo matches per tag in order, so each
+direction's messages are posted by the receiving side in exactly the order they are sent.
 
-One transfer, sender S → receiver R (``ctrl`` = header-only frame on TAG_CTRL, ``data`` =
-header+payload frame on TAG_DATA)::
+One transfer, sender S → receiver R (``ctrl`` = TAG_CTRL, ``data`` = TAG_DATA)::
 
-    S ctrl BEGIN(key, seq, num_blocks, mode, chunk_bytes) → R
-    R ctrl ACCEPT(depth) | REJECT(reason)                  → S   (nothing else on REJECT)
-    S data DATA(i) for each chunk i of the plan            → R   (or ABORT(i), see below)
-    R ctrl RESULT(reason; OK = every block landed)         → S
+    S ctrl BEGIN(key, seq, num_blocks, mode, chunk_bytes, direct_min; source runs) → R
+    R ctrl ACCEPT(depth; destination runs) | REJECT(reason)                       → S
+    S data for each frame i: DATA(i) header + staged payload, then its direct pieces
+           (or ABORT(i) + fillers, see below)                                     → R
+    R ctrl RESULT(reason; OK = every block landed)                                → S
 
-R keeps the recvs for frames i .. i+depth-1 posted while it lands frame i (``depth`` is
-announced in ACCEPT), so the sender never waits for a receive to be posted. To keep that
-invariant when the sender gives up at frame i it sends ABORT(i) *and* filler ABORT frames
-of the planned sizes for i+1 .. i+depth-1 (those the plan has); nothing after that.
-Between transfers the sender may send ``ctrl CANCEL(key)`` to fail a transfer R is still
-waiting for (no reply).
+R keeps the first messages of the next frames posted (up to ``depth``, announced in
+ACCEPT) while it lands frame i, but it posts frame i's direct pieces — which land straight
+in the destination blocks — only after it has checked frame i's header; and since
+messages match in posting order, it posts nothing past an unchecked frame that has pieces
+(:func:`kv_transfer.segments.post_limit`). When the sender gives up at frame i it sends
+ABORT(i) instead of DATA(i) and filler ABORT frames of the planned sizes for the other
+first messages R has posted by then — that same rule tells it which; no pieces follow an
+ABORT. Between transfers the sender may send ``ctrl CANCEL(key)`` to fail a transfer R is
+still waiting for (no reply).
 
 Every frame carries the transfer key (hash of its id), the pair's transfer sequence number
 and the chunk index; a frame that does not match what the receiver expects is a
-:class:`~kv_transfer.errors.ProtocolError` and tears the pair down, so a stale or
-misordered frame can never be landed into the wrong blocks.
+:class:`~kv_transfer.errors.ProtocolError` and tears the pair down before anything of it
+lands, so a stale or misordered frame can never be landed into the wrong blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import functools
 import hashlib
 import itertools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -47,9 +55,13 @@ from kv_transfer.errors import (
 )
 from kv_transfer.types import PROTOCOL_VERSION, TransferMode
 
-HEADER_WORDS = 8
+HEADER_WORDS = 16  # 10 used, the rest zero; 128 bytes keep the payload 64-byte aligned
 HEADER_BYTES = HEADER_WORDS * 8
-_LAYOUT = "<8q"  # little-endian int64 words
+CTRL_RUNS = 248  # runs (two int64 positions each) a control frame lists after its header
+CTRL_BYTES = HEADER_BYTES + 16 * CTRL_RUNS  # every control frame: 4 KiB
+_LAYOUT = f"<{HEADER_WORDS}q"  # little-endian int64 words
+_USED = 10
+_RESERVED = (0,) * (HEADER_WORDS - _USED)
 MAGIC = (0x4B565846 << 16) | PROTOCOL_VERSION  # "KVXF" + version
 TAG_CTRL = 1
 TAG_DATA = 2
@@ -97,10 +109,12 @@ class Header:
     num_blocks: int = 0  # BEGIN
     code: int = 0  # BEGIN: mode code; REJECT / RESULT / ABORT / CANCEL: Reason
     value: int = 0  # BEGIN: chunk_bytes; ACCEPT: receiver's pipeline depth; DATA: payload bytes
+    runs: int = 0  # BEGIN / ACCEPT: number of runs listed after the header
+    direct: int = 0  # BEGIN: direct_min_bytes; DATA: number of direct pieces that follow
 
     def write(self, frame: torch.Tensor) -> None:
         words = (MAGIC, int(self.kind), self.key, self.seq, self.index, self.num_blocks,
-                 self.code, self.value)  # fmt: skip
+                 self.code, self.value, self.runs, self.direct, *_RESERVED)  # fmt: skip
         if frame.is_cuda:
             frame[:HEADER_BYTES].copy_(torch.tensor(words, dtype=torch.int64).view(torch.uint8))
         else:  # struct on the buffer: a few torch calls per frame add up on a slow CPU
@@ -118,7 +132,34 @@ class Header:
             kind = Kind(words[1])
         except ValueError:
             raise ProtocolError(f"unknown frame kind {words[1]}") from None
-        return cls(kind, *words[2:])
+        return cls(kind, *words[2:_USED])
+
+
+def write_runs(frame: torch.Tensor, runs: Sequence[tuple[int, int]]) -> None:
+    """List ``runs`` (position ranges) after the header of a control frame."""
+    if len(runs) > CTRL_RUNS:
+        raise ValueError(f"at most {CTRL_RUNS} runs fit a control frame")
+    if runs:
+        body = torch.tensor(runs, dtype=torch.int64).view(-1).view(torch.uint8)
+        frame[HEADER_BYTES : HEADER_BYTES + body.numel()].copy_(body)
+
+
+def read_runs(frame: torch.Tensor, count: int, num_blocks: int) -> tuple[tuple[int, int], ...]:
+    """The ``count`` runs listed in a control frame; ProtocolError unless they are sorted,
+    disjoint, non-empty ranges inside ``[0, num_blocks)``."""
+    if not 0 <= count <= CTRL_RUNS:
+        raise ProtocolError(f"{count} runs announced, at most {CTRL_RUNS} fit")
+    body = frame[HEADER_BYTES : HEADER_BYTES + 16 * count].cpu().view(torch.int64)
+    flat = body.tolist()
+    runs = tuple(zip(flat[::2], flat[1::2], strict=True))
+    bounds = [b for run in runs for b in run]
+    if (
+        any(not 0 <= b <= num_blocks for b in bounds)
+        or any(a >= b for a, b in runs)
+        or any(a > b for a, b in itertools.pairwise(bounds))
+    ):
+        raise ProtocolError(f"invalid runs for {num_blocks} blocks: {runs[:8]}")
+    return runs
 
 
 def reason_error(reason: int, transfer_id: str, peer: str) -> TransferError:
@@ -173,6 +214,8 @@ def plan_chunks(
     layer_block_bytes: int,
     mode: TransferMode,
     chunk_bytes: int,
+    *,
+    ramp: bool = True,
 ) -> tuple[Chunk, ...]:
     """Split a transfer into frames of at most ``chunk_bytes`` (or one layer-block).
 
@@ -182,7 +225,7 @@ def plan_chunks(
     A whole-mode transfer of several frames ramps up and down (1/8, 1/8, 1/4, 1/2 of a
     frame at each end): the first frame must be packed before anything moves and the last
     one landed after everything arrived, so small end frames shrink the part of the
-    pack / send / land pipeline that cannot overlap.
+    pack / send / land pipeline that cannot overlap (``ramp=False`` when nothing is packed).
     """
     per_layer = num_blocks * layer_block_bytes
     rects: list[tuple[int, int, int, int]] = []
@@ -198,7 +241,7 @@ def plan_chunks(
         for layer in range(num_layers):
             for start in range(0, num_blocks, blocks_per):
                 rects.append((layer, layer + 1, start, min(num_blocks, start + blocks_per)))
-    if mode is TransferMode.WHOLE and len(rects) >= 3:
+    if ramp and mode is TransferMode.WHOLE and len(rects) >= 3:
         rects = [*_split(rects[0], RAMP_UP), *rects[1:-1], *_split(rects[-1], RAMP_UP[::-1])]
     return tuple(Chunk(i, *rect) for i, rect in enumerate(rects))
 

@@ -66,10 +66,17 @@ class _Endpoint:
         data = self.cache.gather(torch.tensor(block_ids)).contiguous()
         return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
 
-    def reserve(self, n: int) -> tuple[int, ...]:
+    def reserve(self, n: int, order: str = "scattered") -> tuple[int, ...]:
         with self.lock:
             ids = self.blocks.allocate_blocks(n)
-        # Make source and destination ids differ: reversed here, shuffled there.
+        if order == "runs":
+            # As the allocator hands them out (runs), rotated differently on each side so
+            # that source and destination ids and run breaks differ: direct pieces where a
+            # segment is long enough, staged blocks elsewhere.
+            cut = n // 2 if self.role == "sender" else n // 3
+            return tuple(ids[cut:] + ids[:cut])
+        # Make source and destination ids differ and break every run: reversed here,
+        # shuffled there (the fully staged path).
         if self.role == "sender":
             return tuple(reversed(ids))
         random.Random(n).shuffle(ids)
@@ -116,7 +123,7 @@ class _Peer:
     def op_expect(self, ep: _Endpoint, cmd: dict[str, Any]) -> dict[str, Any]:
         from kv_transfer.types import RecvSpec
 
-        ids = ep.reserve(cmd["blocks"])
+        ids = ep.reserve(cmd["blocks"], cmd.get("order", "scattered"))
         t = ep.endpoint.expect(RecvSpec(cmd["tid"], ids, cmd.get("timeout_s")), ep.release)
         ep.transfers[cmd["tid"]] = t
         return {"block_ids": list(ids)}
@@ -124,7 +131,7 @@ class _Peer:
     def op_send(self, ep: _Endpoint, cmd: dict[str, Any]) -> dict[str, Any]:
         from kv_transfer.types import PeerAddress, SendSpec, TransferMode
 
-        ids = ep.reserve(cmd["blocks"])
+        ids = ep.reserve(cmd["blocks"], cmd.get("order", "scattered"))
         digest = ep.digest(ids)
         mode = TransferMode(cmd.get("mode", "whole"))
         spec = SendSpec(

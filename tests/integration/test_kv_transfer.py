@@ -22,7 +22,14 @@ MODEL = "SmolLM2-135M-Instruct"
 GEOMETRY = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16}
 BIG = {**GEOMETRY, "num_blocks": 300}  # room for a 4096-token prompt (256 blocks)
 SMALL = {**GEOMETRY, "num_blocks": 80}
-CONFIG = {"timeout_s": 20.0, "grace_s": 2.0, "connect_timeout_s": 15.0}
+# Direct pieces from 11 blocks (K or V of a block in a layer is 12 KiB), so that the
+# "runs" id order below mixes direct pieces and staged blocks in most transfers.
+CONFIG = {
+    "timeout_s": 20.0,
+    "grace_s": 2.0,
+    "connect_timeout_s": 15.0,
+    "direct_min_bytes": 128 << 10,
+}
 STALL = 4  # layer-wise sends that stop after this many layers, to be interrupted
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,10 +79,13 @@ def _start(
     tid: str,
     blocks: int,
     mode: str = "whole",
+    order: str = "scattered",
     **send: Any,
 ) -> str:
-    receiver.call("expect", tid=tid, blocks=blocks)
-    return sender.call("send", tid=tid, address=address, blocks=blocks, mode=mode, **send)["digest"]
+    receiver.call("expect", tid=tid, blocks=blocks, order=order)
+    return sender.call(
+        "send", tid=tid, address=address, blocks=blocks, mode=mode, order=order, **send
+    )["digest"]
 
 
 def _wait(peer: KVPeer, tid: str, timeout: float = 30) -> dict[str, Any]:
@@ -108,9 +118,10 @@ def _transfer_ok(
     tid: str,
     blocks: int,
     mode: str = "whole",
+    order: str = "scattered",
     **send: Any,
 ) -> None:
-    digest = _start(sender, receiver, address, tid, blocks, mode, **send)
+    digest = _start(sender, receiver, address, tid, blocks, mode, order, **send)
     sent, landed = _wait(sender, tid), _wait(receiver, tid)
     assert sent["state"] == "done", sent
     assert landed["state"] == "done", landed
@@ -118,11 +129,15 @@ def _transfer_ok(
     assert landed["layers"] == GEOMETRY["num_layers"]
 
 
+@pytest.mark.parametrize("order", ["scattered", "runs"])
 @pytest.mark.parametrize("mode", ["whole", "layerwise"])
 @pytest.mark.parametrize("tokens", [16, 128, 1000, 4096])
-def test_kv_lands_bit_exact(cluster: Cluster, tokens: int, mode: str) -> None:
+def test_kv_lands_bit_exact(cluster: Cluster, tokens: int, mode: str, order: str) -> None:
+    """Scattered ids: every block staged; runs: direct pieces straight from cache to cache
+    for the segments of 11 blocks or more, staged for the rest."""
     blocks = -(-tokens // GEOMETRY["block_size"])
-    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, f"exact-{tokens}-{mode}", blocks, mode)
+    tid = f"exact-{tokens}-{mode}-{order}"
+    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, tid, blocks, mode, order)
     _assert_no_leaks(cluster.s1, cluster.r1)
 
 
@@ -160,10 +175,11 @@ def test_transfers_on_one_pair_stay_ordered(cluster: Cluster) -> None:
     _assert_no_leaks(cluster.s2, cluster.r2)
 
 
+@pytest.mark.parametrize("order", ["scattered", "runs"])
 @pytest.mark.parametrize("side", ["sender", "receiver"])
-def test_abort_mid_transfer_frees_both_sides(cluster: Cluster, side: str) -> None:
-    tid = f"abort-{side}"
-    _start(cluster.s1, cluster.r1, cluster.addr1, tid, 64, "layerwise", layers=STALL)
+def test_abort_mid_transfer_frees_both_sides(cluster: Cluster, side: str, order: str) -> None:
+    tid = f"abort-{side}-{order}"
+    _start(cluster.s1, cluster.r1, cluster.addr1, tid, 64, "layerwise", order, layers=STALL)
     _until_mid_transfer(cluster.r1, tid)  # the first layers landed, the rest never come
     aborter, other = (cluster.s1, cluster.r1) if side == "sender" else (cluster.r1, cluster.s1)
     started = time.monotonic()
@@ -200,40 +216,46 @@ def test_unknown_transfer_is_rejected_and_pending_one_times_out(cluster: Cluster
     _assert_no_leaks(cluster.s2, cluster.r2)
 
 
-def test_killed_sender_fails_the_receiver_and_a_restarted_one_works(cluster: Cluster) -> None:
-    doomed = KVPeer("doomed-sender", cluster.log_dir).ready()
+@pytest.mark.parametrize("order", ["scattered", "runs"])
+def test_killed_sender_fails_the_receiver_and_a_restarted_one_works(
+    cluster: Cluster, order: str
+) -> None:
+    doomed = KVPeer(f"doomed-sender-{order}", cluster.log_dir).ready()
+    tid = f"killed-sender-{order}"
     try:
         _sender(doomed, SMALL, seed=5)
-        _start(doomed, cluster.r1, cluster.addr1, "killed-sender", 40, "layerwise", layers=STALL)
-        _until_mid_transfer(cluster.r1, "killed-sender")
+        _start(doomed, cluster.r1, cluster.addr1, tid, 60, "layerwise", order, layers=STALL)
+        _until_mid_transfer(cluster.r1, tid)
         doomed.kill()
-        reply = _wait(cluster.r1, "killed-sender")
+        reply = _wait(cluster.r1, tid)
         assert reply["state"] == "failed" and reply["kind"] == "peer_lost", reply
         assert reply["seconds"] < CONFIG["timeout_s"]
         _assert_no_leaks(cluster.r1)
     finally:
         doomed.stop()
-    restarted = KVPeer("restarted-sender", cluster.log_dir).ready()
+    restarted = KVPeer(f"restarted-sender-{order}", cluster.log_dir).ready()
     try:
         _sender(restarted, SMALL, seed=6)
-        _transfer_ok(restarted, cluster.r1, cluster.addr1, "restarted", 40, "layerwise")
+        _transfer_ok(restarted, cluster.r1, cluster.addr1, f"restarted-{order}", 40, "layerwise")
         _assert_no_leaks(restarted, cluster.r1)
     finally:
         restarted.stop()
 
 
-def test_killed_receiver_fails_the_sender_cleanly(cluster: Cluster) -> None:
-    doomed = KVPeer("doomed-receiver", cluster.log_dir).ready()
+@pytest.mark.parametrize("order", ["scattered", "runs"])
+def test_killed_receiver_fails_the_sender_cleanly(cluster: Cluster, order: str) -> None:
+    doomed = KVPeer(f"doomed-receiver-{order}", cluster.log_dir).ready()
+    tid = f"killed-receiver-{order}"
     try:
         address = _receiver(doomed, SMALL)
-        _start(cluster.s1, doomed, address, "killed-receiver", 40, "layerwise", layers=STALL)
-        _until_mid_transfer(doomed, "killed-receiver")
+        _start(cluster.s1, doomed, address, tid, 60, "layerwise", order, layers=STALL)
+        _until_mid_transfer(doomed, tid)
         doomed.kill()
         started = time.monotonic()
-        reply = _wait(cluster.s1, "killed-receiver")
+        reply = _wait(cluster.s1, tid)
         assert reply["state"] == "failed" and reply["kind"] == "peer_lost", reply
         assert time.monotonic() - started < CONFIG["timeout_s"]
         _assert_no_leaks(cluster.s1)
     finally:
         doomed.stop()
-    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, "after-dead-receiver", 10)
+    _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, f"after-dead-receiver-{order}", 10)

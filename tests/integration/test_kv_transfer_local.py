@@ -5,6 +5,7 @@ The cross-process behaviour (kills, restarts) is in ``test_kv_transfer.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,9 +16,10 @@ import torch
 
 from engine.kv_cache import KVCache, KVLayout
 from kv_transfer.errors import ProtocolError, TransferAborted, TransferRejected, TransferTimeout
-from kv_transfer.packing import Staging
+from kv_transfer.packing import Staging, layer_block_bytes
 from kv_transfer.receiver import TorchDistReceiver
 from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
+from kv_transfer.segments import plan_frames
 from kv_transfer.sender import TorchDistSender
 from kv_transfer.torch_dist import Link
 from kv_transfer.transfer import Transfer
@@ -28,12 +30,24 @@ from kv_transfer.types import (
     TransferMode,
     TransferState,
 )
-from kv_transfer.wire import MODE_CODES, TAG_CTRL, TAG_DATA, Header, Kind, transfer_key
+from kv_transfer.wire import (
+    HEADER_BYTES,
+    MODE_CODES,
+    TAG_CTRL,
+    TAG_DATA,
+    Header,
+    Kind,
+    transfer_key,
+    write_runs,
+)
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=16, block_size=4, num_blocks=40)
 CONFIG = TransferConfig(timeout_s=10.0, grace_s=1.0, chunk_bytes=8192, poll_interval_s=0.01)
-pytestmark = pytest.mark.timeout(60)
+# Generous waits: a process that has created many TCPStores (one per receiver here) now
+# and then stalls 5 s in a store client's connect (torch, seen on 2.13), i.e. in a join.
+SETTLE = 20.0
+pytestmark = pytest.mark.timeout(90)
 
 
 class Ledger:
@@ -119,7 +133,7 @@ def test_many_pairs_in_one_process_concurrently(receiver: TorchDistReceiver) -> 
         for _, st, _ in started:
             st.mark_all_ready()
         for s, st, rt in started:
-            assert st.wait(10) is TransferState.DONE and rt.wait(10) is TransferState.DONE
+            assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
             assert _landed(s, receiver, st, rt)
         assert receiver.num_pairs() == 3 and ledger.held == 0
         snap = receiver.stats.snapshot()
@@ -134,7 +148,7 @@ def test_block_count_mismatch_fails_both(sender, receiver) -> None:
     ledger = Ledger()
     rt = receiver.expect(RecvSpec("m", ledger.take((1, 2, 3))), ledger.release)
     st = sender.send(SendSpec("m", receiver.address, ledger.take((4, 5))), ledger.release)
-    assert st.wait(10) is TransferState.FAILED and rt.wait(10) is TransferState.FAILED
+    assert st.wait(SETTLE) is TransferState.FAILED and rt.wait(SETTLE) is TransferState.FAILED
     assert isinstance(st.error, TransferRejected) and "block_count" in str(st.error)
     assert "2 blocks, 3 were reserved" in str(rt.error)
     assert ledger.held == 0
@@ -146,9 +160,9 @@ def test_cancel_of_a_queued_transfer_reaches_the_receiver(sender, receiver) -> N
     st2, rt2 = _pair(sender, receiver, ledger, "queued", [4, 5], [6, 7])
     assert st2.abort("prefill failed")  # still queued behind the stalled layer-wise one
     st1.mark_all_ready()
-    assert rt2.wait(5) is TransferState.FAILED
+    assert rt2.wait(SETTLE) is TransferState.FAILED
     assert isinstance(rt2.error, TransferAborted) and rt2.error.by_peer
-    assert st1.wait(5) is TransferState.DONE and rt1.wait(5) is TransferState.DONE
+    assert st1.wait(SETTLE) is TransferState.DONE and rt1.wait(SETTLE) is TransferState.DONE
     assert ledger.held == 0
 
 
@@ -165,11 +179,11 @@ def test_layerwise_stall_times_out_on_both_sides_and_pair_survives(sender, recei
         timeout_s=0.5,
     )
     st.mark_layer_ready(0)
-    assert st.wait(5) is TransferState.FAILED and rt.wait(5) is TransferState.FAILED
+    assert st.wait(SETTLE) is TransferState.FAILED and rt.wait(SETTLE) is TransferState.FAILED
     assert isinstance(st.error, TransferTimeout) and isinstance(rt.error, TransferTimeout)
     assert rt.layers_landed == 1 and ledger.held == 0
     st, rt = _pair(sender, receiver, ledger, "next", [0, 1, 2], [3, 4, 5])
-    assert st.wait(5) is TransferState.DONE and rt.wait(5) is TransferState.DONE
+    assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
     assert receiver.num_pairs() == 1  # aborts travel as frames: no re-join was needed
 
 
@@ -183,13 +197,13 @@ def test_stale_pair_is_rejoined_transparently() -> None:
     ledger = Ledger()
     try:
         st, rt = _pair(sender, receiver, ledger, "a", [0], [1])
-        assert st.wait(5) is TransferState.DONE
-        deadline = time.monotonic() + 5
+        assert st.wait(SETTLE) is TransferState.DONE
+        deadline = time.monotonic() + SETTLE
         while receiver.num_pairs() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert receiver.num_pairs() == 0  # idle timeout tore it down
         st, rt = _pair(sender, receiver, ledger, "b", [2, 3], [4, 5])
-        assert st.wait(10) is TransferState.DONE and rt.wait(10) is TransferState.DONE
+        assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
         assert _landed(sender, receiver, st, rt) and ledger.held == 0
     finally:
         sender.close()
@@ -199,19 +213,23 @@ def test_stale_pair_is_rejoined_transparently() -> None:
 def test_receiver_close_fails_pending_and_refuses_new(sender, receiver) -> None:
     ledger = Ledger()
     st, _ = _pair(sender, receiver, ledger, "warm", [0], [1])
-    assert st.wait(5) is TransferState.DONE
+    assert st.wait(SETTLE) is TransferState.DONE
     pending = receiver.expect(RecvSpec("pending", ledger.take((2,))), ledger.release)
     receiver.close()
     assert pending.state is TransferState.FAILED
     with pytest.raises(RuntimeError):
         receiver.expect(RecvSpec("late", (3,)), ledger.release)
     st = sender.send(SendSpec("pending", receiver.address, ledger.take((5,))), ledger.release)
-    assert st.wait(5) is TransferState.FAILED and "closing" in str(st.error)
+    assert st.wait(SETTLE) is TransferState.FAILED and "closing" in str(st.error)
     assert ledger.held == 0
 
 
-def test_misordered_frame_is_detected_not_landed(receiver: TorchDistReceiver) -> None:
-    """A frame of another transfer never lands in this transfer's blocks."""
+@pytest.mark.parametrize("direct_min", [0, 1 << 30], ids=["direct", "staged"])
+def test_misordered_frame_is_detected_not_landed(
+    receiver: TorchDistReceiver, direct_min: int
+) -> None:
+    """A frame of another transfer never lands in this transfer's blocks — neither its
+    staged payload nor the direct pieces it announces (they are never even posted)."""
     ledger = Ledger()
     receiver.cache.tensor.fill_(3.0)
     rt = receiver.expect(RecvSpec("victim", ledger.take((10, 11))), ledger.release)
@@ -224,53 +242,198 @@ def test_misordered_frame_is_detected_not_landed(receiver: TorchDistReceiver) ->
     key = transfer_key("victim")
     reply = link.irecv(staging.rx_control, TAG_CTRL)
     Header(
-        Kind.BEGIN, key, 1, num_blocks=2, code=MODE_CODES[TransferMode.WHOLE], value=1 << 20
+        Kind.BEGIN,
+        key,
+        1,
+        num_blocks=2,
+        code=MODE_CODES[TransferMode.WHOLE],
+        value=1 << 20,
+        direct=direct_min,
+        runs=1,
     ).write(staging.tx_control)
+    write_runs(staging.tx_control, ((0, 2),))
     link.wait(link.isend(staging.tx_control, TAG_CTRL), 5, "BEGIN")
     link.wait(reply, 5, "ACCEPT")
     assert Header.read(staging.rx_control).kind is Kind.ACCEPT
-    # One frame of the planned size, but claiming to belong to another transfer.
-    frame = staging.frame(0, 2 * LAYOUT.bytes_per_block)
-    frame[64:].fill_(0)
-    Header(Kind.DATA, transfer_key("someone-else"), 1, 0, value=2 * LAYOUT.bytes_per_block).write(
-        frame
+    lbb = layer_block_bytes(LAYOUT)
+    runs = ((0, 2),) if direct_min == 0 else ()  # what the receiver has, what we'd have listed
+    plan = plan_frames(
+        2, LAYOUT.num_layers, lbb, TransferMode.WHOLE, 1 << 20, direct_min, runs, runs
     )
+    first = plan[0]
+    assert bool(first.direct) == (direct_min == 0)
+    # The planned first message, but claiming to belong to another transfer.
+    frame = staging.frame(0, first.staged_bytes(lbb))
+    frame[HEADER_BYTES:].fill_(0)
+    Header(
+        Kind.DATA,
+        transfer_key("someone-else"),
+        1,
+        0,
+        value=first.staged_bytes(lbb),
+        direct=len(first.pieces()),
+    ).write(frame)
     link.wait(link.isend(frame, TAG_DATA), 5, "DATA")
-    assert rt.wait(5) is TransferState.FAILED
+    for piece in first.pieces():  # never received: the receiver tears the pair down first
+        link.isend(torch.zeros((piece[3] - piece[2], *LAYOUT.block_shape)), TAG_DATA)
+    assert rt.wait(SETTLE) is TransferState.FAILED
     assert isinstance(rt.error, ProtocolError) and ledger.held == 0
     assert bool((receiver.cache.tensor == 3.0).all())  # nothing landed
     link.close()
 
 
+# How a 6-block transfer of LAYOUT travels. LAYOUT's K (or V) of one block in one layer
+# is 512 bytes, so direct_min_bytes=1024 sends segments of >= 2 blocks in place.
+PLANS = {
+    "staged": ({}, range(6), range(10, 16)),  # default threshold: every block staged
+    "direct": ({"direct_min_bytes": 0}, range(6), range(10, 16)),  # one segment, in place
+    # segments [0, 3) [3, 4) [4, 6); 2-block frames: direct, staged, direct, per layer
+    "mixed": (
+        {"direct_min_bytes": 1024, "chunk_bytes": 2048},
+        (0, 1, 2, 7, 8, 9),
+        (10, 11, 12, 13, 30, 31),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(TransferMode))
+@pytest.mark.parametrize("plan", ["direct", "mixed"])
+@pytest.mark.parametrize("inference", [False, True], ids=["plain", "inference-tensors"])
+def test_direct_pieces_land_bit_exact_and_nowhere_else(
+    mode: TransferMode, plan: str, inference: bool
+) -> None:
+    """``inference``: the caches are inference tensors, as an engine made under
+    ``torch.inference_mode()`` has; the transport threads send and land into them."""
+    extra, src, dst = PLANS[plan]
+    with torch.inference_mode(inference):
+        receiver_cache, cache = KVCache(LAYOUT), KVCache(LAYOUT)
+        receiver_cache.tensor.fill_(3.0)
+        cache.tensor.normal_()
+    assert receiver_cache.tensor.is_inference() is inference
+    receiver = TorchDistReceiver(receiver_cache, "m", CONFIG)
+    sender = TorchDistSender(cache, "m", dataclasses.replace(CONFIG, **extra))
+    ledger = Ledger()
+    try:
+        for i in range(2):  # the second one reuses the pair and its buffers
+            st, rt = _pair(sender, receiver, ledger, f"t{i}", src, dst, mode)
+            st.mark_all_ready()
+            assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
+            assert _landed(sender, receiver, st, rt) and rt.layers_landed == LAYOUT.num_layers
+        others = [b for b in range(LAYOUT.num_blocks) if b not in dst]
+        assert bool((receiver.cache.gather(torch.tensor(others)) == 3.0).all())
+        assert ledger.held == 0
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize(("send_depth", "recv_depth"), [(2, 5), (5, 2), (3, 3)])
 @pytest.mark.parametrize("aborter", ["sender", "receiver"])
 def test_abort_keeps_pairs_in_step_whatever_the_depths(
-    send_depth: int, recv_depth: int, aborter: str
+    send_depth: int, recv_depth: int, aborter: str, plan: str
 ) -> None:
     """ABORT plus fillers must match exactly the receives the receiver has posted."""
+    extra, src, dst = PLANS[plan]
     receiver = TorchDistReceiver(
         KVCache(LAYOUT), "m", TransferConfig(pipeline_depth=recv_depth, poll_interval_s=0.01)
     )
     cache = KVCache(LAYOUT)
     cache.tensor.normal_()
-    sender = TorchDistSender(cache, "m", TransferConfig(pipeline_depth=send_depth))
+    sender = TorchDistSender(cache, "m", TransferConfig(pipeline_depth=send_depth, **extra))
     ledger = Ledger()
     try:
-        st, rt = _pair(
-            sender, receiver, ledger, "x", range(6), range(10, 16), TransferMode.LAYERWISE
-        )
+        st, rt = _pair(sender, receiver, ledger, "x", src, dst, TransferMode.LAYERWISE)
         st.mark_layer_ready(0)
         st.mark_layer_ready(1)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + SETTLE
         while rt.layers_landed < 2 and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert rt.layers_landed == 2
         (st if aborter == "sender" else rt).abort("test")
-        assert st.wait(5) is TransferState.FAILED and rt.wait(5) is TransferState.FAILED
+        assert st.wait(SETTLE) is TransferState.FAILED and rt.wait(SETTLE) is TransferState.FAILED
         for i in range(3):  # the same pair carries the next transfers, bit-exact
-            st, rt = _pair(sender, receiver, ledger, f"next{i}", range(6), range(20, 26))
-            assert st.wait(5) is TransferState.DONE and rt.wait(5) is TransferState.DONE
+            st, rt = _pair(sender, receiver, ledger, f"next{i}", src, range(20, 26))
+            assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
             assert _landed(sender, receiver, st, rt)
         assert receiver.num_pairs() == 1 and ledger.held == 0
+    finally:
+        sender.close()
+        receiver.close()
+
+
+# Big enough for direct pieces to be in flight when an abort comes: K or V of 64 blocks
+# in one layer is 1 MiB, a layer 2 MiB, and the frames hold one layer each.
+WIDE = KVLayout(num_layers=8, num_kv_heads=4, head_dim=64, block_size=16, num_blocks=160)
+WIDE_CONFIG = TransferConfig(timeout_s=10.0, grace_s=1.0, chunk_bytes=2 << 20, poll_interval_s=0.01)
+
+
+def test_receiver_abort_with_pieces_in_flight_never_writes_after_release() -> None:
+    """abort() returns only once the pieces posted into the blocks have landed: from then
+    on the wire never writes them (the rest of the frames drain into scratch)."""
+    receiver = TorchDistReceiver(KVCache(WIDE), "m", WIDE_CONFIG)
+    cache = KVCache(WIDE)
+    cache.tensor.normal_()
+    sender = TorchDistSender(cache, "m", WIDE_CONFIG)
+    dst = tuple(range(80, 144))
+    ids = torch.tensor(dst)
+    try:
+        for attempt in range(6):
+            rt = receiver.expect(RecvSpec(f"a{attempt}", dst), lambda _: None)
+            st = sender.send(
+                SendSpec(f"a{attempt}", receiver.address, tuple(range(64))), lambda _: None
+            )
+            deadline = time.monotonic() + SETTLE
+            while rt.started_at is None and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            time.sleep(0.001 * attempt)  # the pieces of the first frames are on the wire
+            rt.abort("decode gave up")  # returns after release ran
+            assert rt.state is TransferState.FAILED
+            after_release = receiver.cache.gather(ids)
+            time.sleep(0.1)  # whatever was still coming has arrived (into scratch)
+            assert torch.equal(receiver.cache.gather(ids), after_release), "written after release"
+            assert st.wait(SETTLE) is TransferState.FAILED
+        # and the pair still works, bit-exact
+        rt = receiver.expect(RecvSpec("after", dst), lambda _: None)
+        st = sender.send(SendSpec("after", receiver.address, tuple(range(64))), lambda _: None)
+        assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
+        assert _landed(sender, receiver, st, rt)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_sender_abort_with_pieces_in_flight_never_ships_reused_blocks() -> None:
+    """The source blocks are read in place; release (which frees them for reuse) waits for
+    the pieces on the wire, so a receiver that still completes gets the original bytes."""
+    receiver = TorchDistReceiver(KVCache(WIDE), "m", WIDE_CONFIG)
+    cache = KVCache(WIDE)
+    cache.tensor.normal_()
+    sender = TorchDistSender(cache, "m", WIDE_CONFIG)
+    src, dst = tuple(range(64)), tuple(range(80, 144))
+    original = cache.gather(torch.tensor(src)).clone()
+
+    def reuse(transfer: Transfer) -> None:  # the prefill worker reusing the blocks
+        cache.scatter(torch.tensor(src), torch.full_like(original, -9.0))
+
+    try:
+        outcomes = set()
+        for attempt in range(6):
+            cache.scatter(torch.tensor(src), original)
+            rt = receiver.expect(RecvSpec(f"s{attempt}", dst), lambda _: None)
+            st = sender.send(SendSpec(f"s{attempt}", receiver.address, src), reuse)
+            deadline = time.monotonic() + SETTLE
+            while st.metrics is None and st._bytes < (attempt + 1) * (2 << 20):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.0002)
+            st.abort("prefill request ended")  # returns after release ran
+            assert bool((cache.gather(torch.tensor(src)) == -9.0).all())
+            state = rt.wait(SETTLE)
+            outcomes.add(state)
+            if state is TransferState.DONE:  # it all got across before the abort
+                assert torch.equal(receiver.cache.gather(torch.tensor(dst)), original)
+        assert TransferState.FAILED in outcomes
     finally:
         sender.close()
         receiver.close()

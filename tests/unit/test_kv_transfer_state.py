@@ -121,6 +121,59 @@ def test_abort_waits_for_an_in_progress_block_access() -> None:
     assert order == ["landed", "release"]
 
 
+def test_release_waits_for_the_leases_out_and_runs_once() -> None:
+    """Direct pieces read / write the blocks in place: release only after they are through."""
+    calls: list[Transfer] = []
+    t = _recv(calls.append)
+    t._start()
+    assert t._lease() and t._lease()
+    assert t._fail(PeerLost("gone"))  # a transport thread: never blocks
+    assert t.state is TransferState.FAILED and calls == []
+    assert not t._lease()  # no new lease once terminal
+    assert t.wait(0.01) is TransferState.FAILED and calls == []  # wait() waits for release
+    t._unlease()
+    assert calls == []
+    t._unlease()
+    assert calls == [t] and t.wait(0) is TransferState.FAILED
+
+
+def test_abort_returns_only_after_the_leases_are_back() -> None:
+    order: list[str] = []
+    t = _recv(lambda _: order.append("release"))
+    t._start()
+    assert t._lease()
+
+    def wire() -> None:
+        time.sleep(0.05)
+        order.append("pieces landed")
+        t._unlease()
+
+    th = threading.Thread(target=wire)
+    th.start()
+    assert t.abort()
+    order.append("abort returned")
+    th.join()
+    assert order == ["pieces landed", "release", "abort returned"]
+    # already terminal: abort() is a no-op, but still only returns after release
+    t2 = _recv(lambda _: order.append("release 2"))
+    t2._start()
+    t2._lease()
+    t2._expire(time.monotonic() + 3600)  # the deadline monitor ended it
+    threading.Timer(0.03, t2._unlease).start()
+    assert not t2.abort()
+    assert order[-1] == "release 2"
+
+
+def test_abort_from_inside_release_does_not_deadlock() -> None:
+    t = _recv(lambda tr: tr.abort())
+    t._start()
+    t._lease()
+    t._succeed()
+    done = threading.Event()
+    threading.Thread(target=lambda: (t._unlease(), done.set())).start()
+    assert done.wait(2)
+
+
 def test_wait_returns_after_release_and_times_out_while_live() -> None:
     released = threading.Event()
     t = _recv(lambda _: released.set())
