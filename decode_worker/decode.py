@@ -224,7 +224,8 @@ class Decoder:
         # prefill worker's, not one decode step later.
         try:
             self._stats.first_token(time.monotonic() - started)
-            yield TokenDelta([outcome.first_token], prefilled_by=job.prefill.worker_id)
+            usage = Usage(len(job.prompt), 1, outcome.cached_tokens)
+            yield TokenDelta([outcome.first_token], None, usage, job.prefill.worker_id)
         except BaseException:
             self._admission.give_back(reservation)
             raise
@@ -267,11 +268,15 @@ class Decoder:
                         self._stats.next_tokens(now - since, len(tokens))
                     since = now
                     sent += len(tokens)
-                    reason = usage = None
+                    reason = None
                     if out.finished:
                         reason = out.finish_reason or FinishReason.STOP
-                        usage = Usage(out.prompt_tokens, sent, cached_tokens)
                         outcome = reason.value
+                    # first and last: a router that ends the stream early (a stop string)
+                    # still knows the prompt's cached tokens
+                    usage = (
+                        Usage(out.prompt_tokens, sent, cached_tokens) if first or reason else None
+                    )
                     by = (first_by or "") if first else ""
                     yield TokenDelta(tokens, reason, usage, by)
                     first = False

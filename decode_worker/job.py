@@ -33,7 +33,8 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class TokenDelta:
-    """One streamed message: tokens since the previous one; finish and usage on the last."""
+    """One streamed message: tokens since the previous one; usage on the first and the last
+    (completion tokens so far), the finish reason on the last."""
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None

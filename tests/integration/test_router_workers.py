@@ -221,6 +221,11 @@ def test_shared_system_prompt_lands_on_the_worker_that_holds_it(stack: Stack) ->
         assert result.route.predicted_cached_tokens >= 16 * 14
         assert result.usage.cached_tokens >= 16 * 14  # reported by the prefill worker
         assert result.usage.cached_tokens <= result.usage.prompt_tokens
+    # A stop string ends the stream at the router; usage still reports the cache hit.
+    stopped = ask(stack, messages=[("system", SYSTEM), ("user", "Tell me more.")],
+                  model="chat", max_tokens=16, stop=[" "])  # fmt: skip
+    assert stopped.finish_reason == "stop" and stopped.route.prefill_worker == holder
+    assert stopped.usage.cached_tokens >= 16 * 14
 
 
 def test_new_prefixes_spread_by_load(stack: Stack) -> None:
