@@ -155,7 +155,8 @@ def test_decode_redeploy_drains_the_old_worker_without_failing_streams(cluster: 
 
     after = generate(cluster.endpoint, "And then?", 8, ignore_eos=True)
     assert after.route is not None and after.route.decode_worker == new
-    assert cluster.replicas("DecodeWorker") == (1, 1)
+    # serve.status() can show the replica UPDATING for a moment after reconfigure() returned
+    wait_until(lambda: cluster.replicas("DecodeWorker") == (1, 1), 60, "one running replica")
 
 
 def _decoding(cluster: Cluster, worker_id: str) -> int:
