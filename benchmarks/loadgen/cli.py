@@ -56,6 +56,9 @@ def add_parser(commands: Any) -> None:
     run.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     run.add_argument("--slo-tpot-ms", type=float, default=200.0)
     run.add_argument("--slo-max-itl-ms", type=float, default=None)
+    run.add_argument(
+        "--slo-ttft-ms-per-1k", type=float, default=0.0, help="TTFT allowance per 1k prompt tokens"
+    )
     run.add_argument("--label", default="", help="name of this run in the report")
     run.add_argument("--model-dir", default=None, help="tokenizer dir (default: the model)")
     run.add_argument("--out", type=Path, default=None)
@@ -111,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pdserve bench: {exc}", file=sys.stderr)
         return 2
-    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_max_itl_ms)
+    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_max_itl_ms, args.slo_ttft_ms_per_1k)
     tokenizer = ModelTokenizer.load(args.model_dir)
     spec = RunSpec(args.label or args.target, workload, load, slo, args.model)
     print(

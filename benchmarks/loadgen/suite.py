@@ -50,7 +50,12 @@ class Plan:
             long_tokens=1536, long_every=6, long_output_tokens=16, seed=1,
         )
     )  # fmt: skip
-    tight_slo: Slo = field(default_factory=lambda: Slo(ttft_ms=3000, tpot_ms=150, max_itl_ms=300))
+    # TTFT 1.5 s + 4 s per 1k prompt tokens (a 1.5k prompt prefills in ~5.5 s on one core)
+    tight_slo: Slo = field(
+        default_factory=lambda: Slo(
+            ttft_ms=1500, tpot_ms=150, max_itl_ms=300, ttft_ms_per_1k_tokens=4000
+        )
+    )
     shared_prefix: WorkloadSpec = field(
         default_factory=lambda: WorkloadSpec(
             kind="shared_prefix", groups=6, prompts_per_group=6, prefix_tokens=640,

@@ -234,6 +234,9 @@ def test_goodput_counts_only_requests_within_every_slo() -> None:
     assert loose["slo_attainment"] == pytest.approx(0.4)
     tight = summarize(records, 2.0, Slo(ttft_ms=1000, tpot_ms=300, max_itl_ms=300))
     assert tight["goodput_req_s"] == pytest.approx(0.5)
+    # prompts of 100 tokens: +20 s per 1k tokens allows 3 s TTFT, so the slow starter is good
+    scaled = summarize(records, 2.0, Slo(ttft_ms=1000, tpot_ms=300, ttft_ms_per_1k_tokens=20_000))
+    assert scaled["goodput_req_s"] == pytest.approx(1.5)
     assert loose["throughput_req_s"] == pytest.approx(2.0)
 
 
