@@ -15,8 +15,9 @@ on Ctrl-C, or on SIGTERM / SIGHUP once :func:`exit_on_signals` is active — SIG
 group and reaps it. Every wait is bounded. Worker stderr goes to ``<log_dir>/<name>.log``.
 
 The registry is :class:`deploy.redis_process.RedisProcess`, the one ``pdserve up`` and the
-tests use. :class:`ReadyProcess` runs any other child (the router, ``transformers serve``)
-the same way: its own session, a ready line or probe, always killed.
+tests use. :func:`start_ready` runs any other child (the router, ``transformers serve``)
+the same way, as a :class:`ChildProcess`: its own session, a ready line or probe, always
+killed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Self
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/<script>.py` without an install
@@ -70,58 +72,59 @@ def worker_env(threads: int = 1) -> dict[str, str]:
 # --------------------------------------------------------------------------- workers
 
 
-class WorkerProcess:
-    """One worker process in its own process group; addresses filled in by wait_ready."""
+class ChildProcess:
+    """A child in its own session (so kill() takes its whole group). A thread drains its
+    stdout into a queue for :meth:`wait_for_line`, so the pipe never fills; stderr goes to
+    ``log``."""
 
-    def __init__(self, spec: WorkerSpec, extra_args: Sequence[str], log_dir: Path) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.log_path = log_dir / f"{spec.name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
-        threads = _flag_value(spec.args, "--num-threads") or "1"
+    def __init__(
+        self, command: Sequence[str], log: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.log_path = log
+        self.address = ""  # the ready line's first group, once seen
+        self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", spec.module, "--worker-id", spec.name, *extra_args, *spec.args],
+            list(command),
             stdout=subprocess.PIPE,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
             text=True,
             cwd=REPO_ROOT,
-            env=worker_env(int(threads)),
-            start_new_session=True,  # own group: kill() takes its children too
+            env=env or worker_env(1),
+            start_new_session=True,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, name=f"{spec.name}-stdout", daemon=True).start()
-        self.role = ""
-        self.worker_id = ""
-        self.grpc_address = ""
-        self.kv_address = ""
-        self.metrics_address = ""
+        threading.Thread(target=self._read, name=f"{log.stem}-stdout", daemon=True).start()
 
-    def _read(self) -> None:  # keeps draining stdout after the ready line: the pipe never fills
+    def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self._lines.put(line.rstrip("\n"))
         self._lines.put(None)
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_for_line(
+        self,
+        pattern: re.Pattern[str] | None,
+        timeout_s: float,
+        probe: Callable[[], bool] | None = None,
+    ) -> re.Match[str] | None:
+        """Until a stdout line matches ``pattern`` (returned; its first group is kept as
+        ``address``) or ``probe()`` is true (None). Raises if the child exits or time runs out."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.name} not ready in {timeout_s:.0f}s\n{self.log_tail()}")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.log_path.stem} exited\n{self.log_tail()}")
+            if probe is not None and probe():
+                return None
             try:
-                line = self._lines.get(timeout=remaining)
+                line = self._lines.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if line is None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.poll()})\n{self.log_tail()}")
-            match = READY.match(line)
+            match = pattern.match(line) if pattern is not None and line is not None else None
             if match:
-                fields = match.groups()
-                self.role, self.worker_id, self.grpc_address = fields[:3]
-                self.kv_address, self.metrics_address = fields[3:]
-                _wait_healthy(self.grpc_address, max(deadline - time.monotonic(), 1.0))
-                return
+                self.address = match.group(1)
+                return match
+        raise TimeoutError(f"{self.log_path.stem} not ready in {timeout_s:.0f}s\n{self.log_tail()}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -137,6 +140,53 @@ class WorkerProcess:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def start_ready(
+    command: Sequence[str],
+    log: Path,
+    pattern: re.Pattern[str] | None = None,
+    probe: Callable[[], bool] | None = None,
+    timeout_s: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> ChildProcess:
+    """Start a child and wait for its ready line (or probe); killed if it never gets there."""
+    child = ChildProcess(command, log, env)
+    try:
+        child.wait_for_line(pattern, timeout_s, probe)
+    except BaseException:
+        child.kill()
+        raise
+    return child
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class WorkerProcess(ChildProcess):
+    """One worker process; its addresses are filled in by :meth:`wait_ready`."""
+
+    def __init__(self, spec: WorkerSpec, extra_args: Sequence[str], log_dir: Path) -> None:
+        threads = _flag_value(spec.args, "--num-threads") or "1"
+        command = [sys.executable, "-m", spec.module, "--worker-id", spec.name,
+                   *extra_args, *spec.args]  # fmt: skip
+        super().__init__(command, log_dir / f"{spec.name}.log", worker_env(int(threads)))
+        self.spec = spec
+        self.name = spec.name
+        self.role = ""
+        self.worker_id = ""
+        self.grpc_address = ""
+        self.kv_address = ""
+        self.metrics_address = ""
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """The worker's ready line, then its gRPC health, within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        match = self.wait_for_line(READY, timeout_s)
+        assert match is not None
+        self.role, self.worker_id, self.grpc_address = match.groups()[:3]
+        self.kv_address, self.metrics_address = match.groups()[3:]
+        _wait_healthy(self.grpc_address, max(deadline - time.monotonic(), 1.0))
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -152,90 +202,34 @@ def _wait_healthy(address: str, timeout_s: float) -> None:
     wait_healthy(address, timeout_s=timeout_s)
 
 
-# --------------------------------------------------------------------------- other children
+# --------------------------------------------------------------------------- services
 
 
-class ReadyProcess:
-    """A child in its own session, ready once a stdout line matches ``pattern`` (its first
-    group is kept as ``address``) or, with no pattern, once ``probe()`` returns True.
-    stdout is drained by a thread after that; stderr goes to ``log``. kill() takes the group.
-    """
+class Service:
+    """start() / stop() plus the ``with`` protocol: stop() runs however the block ends."""
 
-    def __init__(
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
         self,
-        command: Sequence[str],
-        log: Path,
-        pattern: re.Pattern[str] | None = None,
-        probe: Callable[[], bool] | None = None,
-        timeout_s: float = 180.0,
-        env: dict[str, str] | None = None,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
-        self.log_path = log
-        self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            list(command),
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=REPO_ROOT,
-            env=env or worker_env(1),
-            start_new_session=True,
-        )
-        self.address = ""
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, name="ready-process-stdout", daemon=True).start()
-        try:
-            self._wait(pattern, probe, timeout_s)
-        except BaseException:
-            self.kill()
-            raise
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def _wait(
-        self, pattern: re.Pattern[str] | None, probe: Callable[[], bool] | None, timeout_s: float
-    ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args} exited\n{self.log_tail()}")
-            if probe is not None and probe():
-                return
-            try:
-                line = self._lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            match = pattern.match(line) if pattern is not None and line is not None else None
-            if match:
-                self.address = match.group(1)
-                return
-        raise TimeoutError(f"{self.proc.args} not ready in {timeout_s:.0f}s\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self._log.close()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
+        self.stop()
 
 
 # --------------------------------------------------------------------------- cluster
 
 
-class LocalCluster:
+class LocalCluster(Service):
     """A private Redis plus the given workers; everything is killed on exit."""
 
     def __init__(
@@ -277,17 +271,6 @@ class LocalCluster:
         for worker in self.workers.values():
             worker.kill()
         self.redis.stop()
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- process hygiene

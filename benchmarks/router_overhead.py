@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._cluster import (
     LocalCluster,
-    ReadyProcess,
     WorkerSpec,
     exit_on_signals,
     log_directory,
+    start_ready,
 )
 from benchmarks._common import (
     busy_machine_warning,
@@ -315,13 +315,13 @@ def run_ttft(log_dir: Path, iterations: int, real: bool, real_iterations: int) -
     fake = router = None
     try:
         url = cluster.redis.url
-        fake = ReadyProcess(
+        fake = start_ready(
             [sys.executable, __file__, "--serve-fake-worker", "--redis-url", url,
              "--namespace", "bench-fake"],
             log_dir / "fake.log",
             pattern=FAKE_READY,
         )  # fmt: skip
-        router = ReadyProcess(
+        router = start_ready(
             [
                 sys.executable,
                 "-m",
@@ -372,7 +372,7 @@ def run_real(log_dir: Path, iterations: int, tokenizer: Any) -> dict:
         return text, (direct, routed)
 
     with LocalCluster([spec], log_dir, namespace="bench-real") as cluster:
-        router = ReadyProcess(
+        router = start_ready(
             [
                 sys.executable,
                 "-m",

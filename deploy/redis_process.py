@@ -54,7 +54,7 @@ class RedisProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-redis-")
         errors: list[str] = []
         for _ in range(self._attempts):
-            port = _free_port()
+            port = free_loopback_port()
             if self._try_start(binary, port, Path(self._tmp.name), errors):
                 self.port = port
                 return self
@@ -133,7 +133,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_port() -> int:
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (it may be taken before it is bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

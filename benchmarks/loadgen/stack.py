@@ -12,17 +12,23 @@ comparison differ only in their shape (1P+1D vs 2 colocated) or the router's pol
 from __future__ import annotations
 
 import re
-import socket
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import yaml
 
-from benchmarks._cluster import LocalCluster, ReadyProcess, WorkerSpec, worker_env
+from benchmarks._cluster import (
+    ChildProcess,
+    LocalCluster,
+    Service,
+    WorkerSpec,
+    start_ready,
+    worker_env,
+)
+from deploy.redis_process import free_loopback_port
 
 ROUTER_READY = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
 
@@ -81,7 +87,7 @@ def two_prefill(policy: str, prefill_kv_blocks: int, load_weight: float | None =
     return StackSpec(policy, workers, policy, load_weight)
 
 
-class OurStack:
+class OurStack(Service):
     """Private redis-server, the spec's workers, and ``python -m router`` with its policy."""
 
     def __init__(self, spec: StackSpec, log_dir: Path, ready_timeout_s: float = 300.0) -> None:
@@ -89,7 +95,7 @@ class OurStack:
         self.log_dir = log_dir / spec.name
         self._timeout_s = ready_timeout_s
         self._cluster = LocalCluster(spec.workers, self.log_dir, namespace=f"bench-{spec.name}")
-        self._router: ReadyProcess | None = None
+        self._router: ChildProcess | None = None
         self.url = ""
 
     def start(self) -> OurStack:
@@ -97,7 +103,7 @@ class OurStack:
         try:
             config = self.log_dir / "router.yaml"
             config.write_text(yaml.safe_dump({"pools": [self._pool()]}))
-            self._router = ReadyProcess(
+            self._router = start_ready(
                 [sys.executable, "-m", "router", "--config", str(config),
                  "--redis-url", self._cluster.redis.url,
                  "--namespace", self._cluster.namespace, "--port", "0",
@@ -130,17 +136,6 @@ class OurStack:
             self._router = None
         self._cluster.stop()
 
-    def __enter__(self) -> OurStack:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def wait_for_workers(address: str, spec: StackSpec, timeout_s: float) -> None:
     """Until the router's ListModels shows every worker of ``spec`` as live."""
@@ -157,7 +152,7 @@ def wait_for_workers(address: str, spec: StackSpec, timeout_s: float) -> None:
     raise TimeoutError(f"router at {address} sees {seen}, wants {spec.workers}")
 
 
-class TransformersServe:
+class TransformersServe(Service):
     """``transformers serve`` (OpenAI-compatible HTTP) on a free loopback port, one thread,
     preloading the same local model directory our workers use."""
 
@@ -167,17 +162,17 @@ class TransformersServe:
         self.model = str(model_dir or default_model_dir())
         self.log_dir = log_dir / "transformers-serve"
         self._threads = threads
-        self._proc: ReadyProcess | None = None
+        self._proc: ChildProcess | None = None
         self.url = ""
 
     def start(self) -> TransformersServe:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port = free_loopback_port()
         self.url = f"http://127.0.0.1:{port}"
         binary = Path(sys.executable).with_name("transformers")
         command = [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--device", "cpu", "--log-level", "warning", self.model]  # fmt: skip
-        self._proc = ReadyProcess(
+        self._proc = start_ready(
             command,
             self.log_dir / "serve.log",
             probe=lambda: _http_ok(self.url + "/health"),
@@ -190,17 +185,6 @@ class TransformersServe:
             self._proc.kill()
             self._proc = None
 
-    def __enter__(self) -> TransformersServe:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _http_ok(url: str) -> bool:
     try:
@@ -208,9 +192,3 @@ def _http_ok(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -8,12 +8,12 @@ and, when set, the longest ITL gap), per second of the run. The prefix-cache hit
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from benchmarks._common import percentile
 from benchmarks.loadgen.record import RequestRecord
 
 
@@ -53,14 +53,6 @@ class Slo:
         )
         itl = f", every ITL <= {self.max_itl_ms:g} ms" if self.max_itl_ms is not None else ""
         return f"TTFT <= {self.ttft_ms:g} ms{per_token}, TPOT <= {self.tpot_ms:g} ms{itl}"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (q in 0..100)."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def distribution(values: Iterable[float], scale: float = 1e3) -> dict[str, float | int | None]:

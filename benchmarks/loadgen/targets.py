@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from benchmarks.loadgen.record import ChatRequest, RequestRecord
+
+if TYPE_CHECKING:
+    import aiohttp
 
 Clock = Callable[[], float]  # seconds since the run started
 
@@ -102,9 +105,9 @@ class OpenAITarget:
         self.name = base_url
         self._url = base_url.rstrip("/") + "/v1/chat/completions"
         self._model = model
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
 
-    async def _client(self):  # type: ignore[no-untyped-def]
+    async def _client(self) -> aiohttp.ClientSession:
         import aiohttp
 
         if self._session is None:
