@@ -2,11 +2,13 @@
 ``engine.kv_cache`` owns the tensor they index.
 
 Every block is in exactly one state:
-  free       refcount 0, holds nothing reusable; handed out first.
+  free       refcount 0, holds nothing reusable; handed out first, as few runs of
+             consecutive ids as the free space allows (``engine.free_blocks``).
   used       refcount > 0, referenced by sequences or raw reservations. A used block may
              also be *cached* (a full block registered by ``commit_computed``).
   evictable  refcount 0 but still cached; reused on a prefix hit, or reclaimed in LRU order
-             (oldest release first, emitting ``BlockEvicted``) when no free block is left.
+             (oldest release first, emitting ``BlockEvicted``) into the free blocks when
+             there are not enough of them.
 
 A sequence's life as seen from here:
   allocate_prefix  (admission: borrow the cached blocks of its prefix)
@@ -20,11 +22,12 @@ transfer, which reserves blocks that another process fills; those blocks are nev
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 from common.hashing import ROOT_HASH, hash_block
 from common.kv_events import BlockEvicted, BlockStored, KVEvent
+from engine.free_blocks import FreeBlocks
 from engine.sequence import Sequence
 
 
@@ -54,7 +57,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._refcount = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free = FreeBlocks(num_blocks)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
@@ -119,7 +122,8 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > self.num_free_blocks:
             return False
-        seq.block_table.extend(self._take_fresh() for _ in range(needed))
+        after = seq.block_table[-1] + 1 if seq.block_table else None
+        seq.block_table.extend(self._take_fresh(needed, after))
         return True
 
     def commit_computed(self, seq: Sequence) -> None:
@@ -160,7 +164,7 @@ class BlockManager:
             raise NoFreeBlocksError(
                 f"need {n} blocks, only {self.num_free_blocks} of {self.num_blocks} free"
             )
-        return [self._take_fresh() for _ in range(n)]
+        return self._take_fresh(n)
 
     def free_blocks(self, block_ids: Iterable[int]) -> None:
         """Drop one reference to each block; validated first, so a bad call changes nothing."""
@@ -192,17 +196,20 @@ class BlockManager:
             del self._evictable[block]  # in use again: no longer a reclaim candidate
         self._refcount[block] += 1
 
-    def _take_fresh(self) -> int:
-        """A block with no content anyone can hit; callers have checked availability."""
-        if self._free:
-            block = self._free.popleft()
-        else:
+    def _take_fresh(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` blocks with no content anyone can hit, continuing the run that ends just
+        before ``after`` if it can; callers have checked availability. Cached blocks are
+        evicted (least recently released first) only as many as the free ones fall short."""
+        for _ in range(n - len(self._free)):
             block, _ = self._evictable.popitem(last=False)
             block_hash = self._block_to_hash.pop(block)
             del self._hash_to_block[block_hash]
             self._events.append(BlockEvicted(block_hash=block_hash, block_id=block))
-        self._refcount[block] = 1
-        return block
+            self._free.put(block)
+        blocks = self._free.take(n, after)
+        for block in blocks:
+            self._refcount[block] = 1
+        return blocks
 
     def _cache_block(self, block: int, block_hash: int, parent_hash: int) -> None:
         # An identical block cached earlier (another seq computed the same prefix) keeps
@@ -228,7 +235,7 @@ class BlockManager:
             if block in self._block_to_hash:
                 self._evictable[block] = None  # most recently used end
             else:
-                self._free.append(block)
+                self._free.put(block)
 
     # ---- testing aid ------------------------------------------------------------------
 
@@ -238,7 +245,8 @@ class BlockManager:
         With ``live`` (every sequence holding blocks, and no raw reservations outstanding),
         also check that each refcount equals the number of block tables naming the block.
         """
-        free, evictable = set(self._free), set(self._evictable)
+        self._free.check()
+        free, evictable = set(self._free.ids()), set(self._evictable)
         _require(len(free) == len(self._free), "duplicate block on the free list")
         _require(not free & evictable, f"blocks both free and evictable: {free & evictable}")
         for block, ref in enumerate(self._refcount):

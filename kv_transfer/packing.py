@@ -49,8 +49,9 @@ def block_index(block_ids: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 class Staging:
     """A pair's reusable buffers, each grown on demand and never shrunk: ``slots`` frame
-    buffers, a control frame per direction, and a scratch buffer that direct pieces of a
-    transfer that already ended are drained into."""
+    buffers, a control frame per direction, and a scratch buffer for direct pieces that
+    are not real KV (:func:`piece_scratch`). Buffers start zeroed, so a filler never puts
+    stale memory on the wire."""
 
     def __init__(self, device: torch.device, slots: int = 2) -> None:
         self.device = device
@@ -71,9 +72,19 @@ class Staging:
     def _buffer(self, key: int | str, size: int) -> torch.Tensor:
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < size:
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buf = torch.zeros(size, dtype=torch.uint8, device=self.device)
             self._buffers[key] = buf
         return buf[:size]
+
+
+def piece_scratch(staging: Staging, layout: KVLayout, piece: Piece) -> torch.Tensor:
+    """A buffer shaped like ``piece`` in the pair's scratch: what a receiver drains the
+    pieces of a transfer that already ended into, and what a sender's filler pieces
+    (after an ABORT) are sent from. Its content is never KV."""
+    _, _, start, stop = piece
+    nbytes = layer_block_bytes(layout) // 2 * (stop - start)
+    view = staging.scratch(nbytes).view(torch_dtype(layout.dtype))
+    return view.view(stop - start, *layout.block_shape)
 
 
 def payload_view(frame: torch.Tensor, chunk: Chunk, layout: KVLayout) -> torch.Tensor:

@@ -153,15 +153,19 @@ class ReceiverPair:
             dst_runs,
         )
         landing = Landing(
-            link, self._staging, self._cache, transfer, begin, plan, mode, self._depth, grace
+            link, self._staging, self._cache, transfer, begin, plan, self._depth, grace
         )
-        # The first frames are posted before ACCEPT: the sender starts on it.
-        landing.post_ahead()
-        # Not waited for here: under CPU contention its completion can lag the first frame.
-        accept = self._reply(
-            link, Kind.ACCEPT, begin, Reason.OK, transfer, wait=False, value=self._depth,
-            runs=dst_runs,
-        )  # fmt: skip
+        try:
+            # The first frames are posted before ACCEPT: the sender starts on it.
+            landing.post_ahead()
+            # Not waited for here: under CPU contention its completion can lag the first frame.
+            accept = self._reply(
+                link, Kind.ACCEPT, begin, Reason.OK, transfer, wait=False, value=self._depth,
+                runs=dst_runs,
+            )  # fmt: skip
+        except BaseException:
+            landing.abandon()  # its pieces hold leases on the blocks
+            raise
         landing.run()
         if landing.sender_code is not None:
             transfer._fail(reason_error(landing.sender_code, transfer.transfer_id, self.peer))

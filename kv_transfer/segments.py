@@ -22,8 +22,9 @@ Each side therefore only needs the other's *long* runs (:func:`long_runs`: at le
 ``limit`` of them (the longest; leaving a run out only stages its blocks). The frames are
 the chunk rectangles of :func:`kv_transfer.wire.plan_chunks` (layers × positions, at most
 ``chunk_bytes`` each); a frame is sent as its first message (header + staged payload)
-followed by its direct pieces, layer-major, K before V, in position order. Both sides
-compute the same plan, so every message size is known before it is posted.
+followed by its direct pieces, by segment, then layer, K before V. Both sides compute
+the same plan, so every message size is known before it is posted, and the receiver posts
+a frame's pieces together with its first message (:func:`post_limit`).
 """
 
 from __future__ import annotations
@@ -166,18 +167,17 @@ def plan_frames(
     return tuple(frames)
 
 
-def post_limit(plan: Sequence[Frame], landed: int, verified: int, depth: int) -> int:
-    """How many first messages the receiver has posted, at most.
+def post_limit(plan: Sequence[Frame], landed: int, depth: int) -> int:
+    """How many frames the receiver has posted (first message and direct pieces), at most.
 
     Messages are matched in the order they were posted (NCCL has no tags, and gloo
     matches per tag in order), so the receiver posts exactly the sender's order: F0 P0
-    F1 P1 …, where Fi is frame i's first message and Pi its direct pieces. A first message
-    is posted ahead while a staging slot is free (frames < ``landed + depth``), but never
-    past a frame whose pieces wait for its header to be checked (frames >= ``verified``
-    with pieces). The sender uses the same rule to know which frames an ABORT must fill.
+    F1 P1 …, where Fi is frame i's first message and Pi its direct pieces, and it keeps
+    ``depth`` frames posted ahead of the landing. Pieces go in with their first message,
+    before its header is checked: a piece whose receive is posted when the sender starts
+    it goes straight onto the wire, while one posted later costs gloo a notification
+    round trip (measured here, 16 MiB as 60 pieces: 7.1 ms posted ahead, 11.4 ms posted
+    after the header, 8.1 ms as one message). The sender uses the same rule to know which
+    frames an ABORT must fill.
     """
-    limit = min(len(plan), landed + depth)
-    for k in range(verified, limit):
-        if plan[k].direct:
-            return k + 1
-    return limit
+    return min(len(plan), landed + depth)

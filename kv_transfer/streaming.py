@@ -10,9 +10,10 @@ posts pieces only one frame ahead anyway, and it bounds how long ``abort()`` wai
 the leases. Layer-wise frames wait for their layer to be marked ready.
 
 When the transfer ends here first (abort, deadline, the receiver's abort flag) the next
-frame goes out as ABORT(i) instead, followed by filler ABORTs for the other first
-messages the receiver has posted by then (:func:`~kv_transfer.segments.post_limit`, the
-rule the receiver follows), so both sides stay in step and the pair survives.
+frame goes out as ABORT(i) instead, followed by fillers for everything else the receiver
+has posted by then (:func:`~kv_transfer.segments.post_limit`, the rule the receiver
+follows): filler ABORTs for the later first messages and scratch of the planned sizes for
+the direct pieces of all those frames, so both sides stay in step and the pair survives.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from __future__ import annotations
 import time
 
 from engine.kv_cache import KVCache
-from kv_transfer.packing import Staging, layer_block_bytes, pack_staged, piece_views, staged_ids
+from kv_transfer.packing import (
+    Staging,
+    layer_block_bytes,
+    pack_staged,
+    piece_scratch,
+    piece_views,
+    staged_ids,
+)
 from kv_transfer.segments import Frame, post_limit
 from kv_transfer.torch_dist import FrameOps, Link, wire_timeout
 from kv_transfer.transfer import SendTransfer
@@ -122,16 +130,21 @@ class Streaming:
         return ops
 
     def _send_abort(self, index: int) -> None:
-        """ABORT(index) plus the filler ABORTs for the first messages the receiver has
-        posted by the time it reads it (the same :func:`post_limit` rule it follows)."""
+        """ABORT(index) plus fillers for everything else the receiver has posted by the
+        time it reads it (the same :func:`post_limit` rule it follows): a filler ABORT for
+        each later first message, and filler pieces (scratch of the planned sizes) for the
+        direct pieces of every one of those frames, ``index`` included."""
         code = error_reason(self._transfer.error)
-        for i in range(index, post_limit(self._plan, index, index, self._peer_depth)):
-            slot = i % self._depth
+        for i in range(index, post_limit(self._plan, index, self._peer_depth)):
+            frame, slot = self._plan[i], i % self._depth
             self._drain(slot)
-            buf = self._staging.frame(slot, self._plan[i].staged_bytes(self._lbb))
+            buf = self._staging.frame(slot, frame.staged_bytes(self._lbb))
             Header(Kind.ABORT, self._key, self._seq, i, code=code).write(buf)
             ops = self._inflight[slot] = FrameOps(None)
             ops.works.append(self._link.isend(buf, TAG_DATA))
+            for piece in frame.pieces():
+                filler = piece_scratch(self._staging, self._cache.layout, piece)
+                ops.works.append(self._link.isend(filler, TAG_DATA))
 
     def _drain(self, slot: int) -> None:
         ops, self._inflight[slot] = self._inflight[slot], None

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
-PROTOCOL_VERSION = 2  # 2: run exchange and direct pieces
+PROTOCOL_VERSION = 3  # 2: run exchange and direct pieces; 3: pieces posted ahead
 
 
 class TransferState(Enum):

@@ -18,20 +18,22 @@ One transfer, sender S → receiver R (``ctrl`` = TAG_CTRL, ``data`` = TAG_DATA)
            (or ABORT(i) + fillers, see below)                                     → R
     R ctrl RESULT(reason; OK = every block landed)                                → S
 
-R keeps the first messages of the next frames posted (up to ``depth``, announced in
-ACCEPT) while it lands frame i, but it posts frame i's direct pieces — which land straight
-in the destination blocks — only after it has checked frame i's header; and since
-messages match in posting order, it posts nothing past an unchecked frame that has pieces
-(:func:`kv_transfer.segments.post_limit`). When the sender gives up at frame i it sends
-ABORT(i) instead of DATA(i) and filler ABORT frames of the planned sizes for the other
-first messages R has posted by then — that same rule tells it which; no pieces follow an
-ABORT. Between transfers the sender may send ``ctrl CANCEL(key)`` to fail a transfer R is
-still waiting for (no reply).
+R keeps ``depth`` frames (announced in ACCEPT) posted ahead of the one it lands — first
+message and direct pieces, in the sender's order, since messages match in posting order
+(:func:`kv_transfer.segments.post_limit`). Pieces land straight in the destination blocks,
+so they are posted only once R has claimed the transfer, and only into its blocks. When
+the sender gives up at frame i it sends ABORT(i) instead of DATA(i), then fillers for
+everything else R has posted by then — that same rule tells it which: filler ABORT frames
+of the planned sizes for the later first messages, and scratch of the planned sizes for
+the pieces of frame i and of those frames. Between transfers the sender may send
+``ctrl CANCEL(key)`` to fail a transfer R is still waiting for (no reply).
 
 Every frame carries the transfer key (hash of its id), the pair's transfer sequence number
 and the chunk index; a frame that does not match what the receiver expects is a
-:class:`~kv_transfer.errors.ProtocolError` and tears the pair down before anything of it
-lands, so a stale or misordered frame can never be landed into the wrong blocks.
+:class:`~kv_transfer.errors.ProtocolError`: it fails the transfer (whose blocks are freed,
+never decoded) and tears the pair down. Its staged payload is never landed, and no receive
+is ever posted into blocks of another transfer, so a stale or misordered frame can never
+write into the wrong blocks.
 """
 
 from __future__ import annotations

@@ -228,8 +228,9 @@ def test_receiver_close_fails_pending_and_refuses_new(sender, receiver) -> None:
 def test_misordered_frame_is_detected_not_landed(
     receiver: TorchDistReceiver, direct_min: int
 ) -> None:
-    """A frame of another transfer never lands in this transfer's blocks — neither its
-    staged payload nor the direct pieces it announces (they are never even posted)."""
+    """A frame of another transfer fails this one and is never landed: its staged payload
+    is dropped, and the direct pieces posted ahead could only ever reach this transfer's
+    own blocks, which are freed (never decoded). No other block is touched."""
     ledger = Ledger()
     receiver.cache.tensor.fill_(3.0)
     rt = receiver.expect(RecvSpec("victim", ledger.take((10, 11))), ledger.release)
@@ -274,11 +275,15 @@ def test_misordered_frame_is_detected_not_landed(
         direct=len(first.pieces()),
     ).write(frame)
     link.wait(link.isend(frame, TAG_DATA), 5, "DATA")
-    for piece in first.pieces():  # never received: the receiver tears the pair down first
+    for piece in first.pieces():  # posted ahead, into the victim's blocks only
         link.isend(torch.zeros((piece[3] - piece[2], *LAYOUT.block_shape)), TAG_DATA)
     assert rt.wait(SETTLE) is TransferState.FAILED
     assert isinstance(rt.error, ProtocolError) and ledger.held == 0
-    assert bool((receiver.cache.tensor == 3.0).all())  # nothing landed
+    others = torch.ones(receiver.cache.layout.num_blocks, dtype=torch.bool)
+    others[[10, 11]] = False
+    assert bool((receiver.cache.tensor[:, :, others] == 3.0).all())  # nothing else touched
+    if direct_min != 0:  # the staged payload is checked before it lands: never landed
+        assert bool((receiver.cache.tensor == 3.0).all())
     link.close()
 
 
