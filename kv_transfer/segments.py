@@ -2,13 +2,13 @@
 
 Position ``p`` of a transfer moves from source block ``src_ids[p]`` to destination block
 ``dst_ids[p]``. A *run* is a stretch of positions whose ids are consecutive on one side —
-a block manager hands out ids from a free list, so much of a young allocation is a few
-runs. Where a source run and a destination run overlap, the overlap is one run on both
-sides: a *segment*. The cache tensor is ``(layers, 2, num_blocks, block_size, heads,
-head_dim)``, so within one layer K (or V) of a segment is one contiguous slice on both
-sides: it goes on the wire as it is — sent from the sender's cache view, received into
-the receiver's cache view — with no gather, no staging buffer and no scatter. That is a
-*direct piece*.
+the engine's block manager hands out ids as few runs as its free space allows
+(``engine.free_blocks``), so most transfers are one or a few runs. Where a source run and
+a destination run overlap, the overlap is one run on both sides: a *segment*. The cache
+tensor is ``(layers, 2, num_blocks, block_size, heads, head_dim)``, so within one layer K
+(or V) of a segment is one contiguous slice on both sides: it goes on the wire as it is —
+sent from the sender's cache view, received into the receiver's cache view — with no
+gather, no staging buffer and no scatter. That is a *direct piece*.
 
 A message costs a fixed amount (Python, gloo's rendezvous, thread wake-ups) on top of its
 bytes, so pieces under ``direct_min_bytes`` are not worth their own message: their blocks
