@@ -198,6 +198,21 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_config(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    role: WorkerRole,
+    allowed_roles: Sequence[WorkerRole] = (),
+) -> WorkerConfig:
+    """Parse a worker's command line (:func:`build_parser`, plus any flags the entry point
+    added) into its config; a bad flag or YAML value exits with the parser's usage error."""
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args, role, allowed_roles)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def config_from_args(
     args: argparse.Namespace, role: WorkerRole, allowed_roles: Sequence[WorkerRole] = ()
 ) -> WorkerConfig:

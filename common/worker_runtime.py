@@ -1,8 +1,9 @@
 """The process around a worker: gRPC server, registry heartbeat, metrics, signals, drain.
 
 Prefill, decode and colocated workers differ in what they compute, not in how they live,
-so their ``__main__`` modules build a role-specific :class:`WorkerApp` and hand it to
-:meth:`WorkerRuntime.serve`, which owns the process lifecycle::
+so their ``__main__`` modules parse a config and hand it, with their role's
+:class:`WorkerApp` type, to :func:`run_worker`; :meth:`WorkerRuntime.serve` owns the
+process lifecycle::
 
     start   gRPC server (the app's services + WorkerControl + health + reflection),
             /metrics over HTTP, registration in Redis with a heartbeat that publishes load,
@@ -25,10 +26,11 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -307,6 +309,26 @@ class WorkerRuntime:
                 app.in_flight(),
             )
         await server.stop(grace_s=1.0)
+
+
+AppType = Callable[[WorkerConfig, str, Metrics], WorkerApp]  # (config, worker id, metrics)
+
+
+def run_worker(config: WorkerConfig, load_app: Callable[[], AppType]) -> int:
+    """A worker process's body after its arguments parsed: log to stderr, build the app
+    with the type ``load_app()`` returns — it imports it, so torch loads only once argument
+    errors were reported — and serve until drained. Returns the exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_serve(config, load_app()))
+
+
+async def _serve(config: WorkerConfig, app_type: AppType) -> int:
+    runtime = WorkerRuntime(config)
+    return await runtime.serve(app_type(config, runtime.worker_id, runtime.metrics))
 
 
 def _generate_id(role: WorkerRole) -> str:

@@ -12,14 +12,12 @@ in-flight streams finish (``--drain-grace``), then it exits 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 
 from common import env
-from common.worker_config import WorkerConfig, build_parser, config_from_args
+from common.worker_config import build_parser, parse_config
 from common.worker_info import WorkerRole
-from common.worker_runtime import WorkerRuntime
+from common.worker_runtime import AppType, run_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,25 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         default=argparse.SUPPRESS,
         help="prefill and decode here; no KV receiver",
     )
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args, WorkerRole.DECODE, [WorkerRole.COLOCATED])
-    except ValueError as exc:
-        parser.error(str(exc))
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return asyncio.run(_serve(config))
+    config = parse_config(parser, argv, WorkerRole.DECODE, [WorkerRole.COLOCATED])
+    return run_worker(config, _app_type)
 
 
-async def _serve(config: WorkerConfig) -> int:
+def _app_type() -> AppType:
     from decode_worker.worker import DecodeApp  # torch: after argument errors are reported
 
-    runtime = WorkerRuntime(config)
-    app = DecodeApp(config, runtime.worker_id, runtime.metrics)
-    return await runtime.serve(app)
+    return DecodeApp
 
 
 if __name__ == "__main__":

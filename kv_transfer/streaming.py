@@ -5,9 +5,9 @@ message Fi (header + staged payload, packed into staging slot ``i % depth``) and
 direct pieces Pi, straight from the cache. Up to ``depth`` frames are in flight: a slot is
 reused only once its frame's operations are through (``_drain``), which is also when the
 frame's lease on the source blocks ends — so ``release`` never runs while the wire may
-still read them. Frames with pieces keep at most one other frame in flight: the receiver
-posts pieces only one frame ahead anyway, and it bounds how long ``abort()`` waits for
-the leases. Layer-wise frames wait for their layer to be marked ready.
+still read them. Frames with pieces keep at most one other frame in flight: that bounds
+how long ``abort()`` waits for the leases (frames are up to twice ``chunk_bytes`` when
+they are mostly pieces). Layer-wise frames wait for their layer to be marked ready.
 
 When the transfer ends here first (abort, deadline, the receiver's abort flag) the next
 frame goes out as ABORT(i) instead, followed by fillers for everything else the receiver
