@@ -184,7 +184,8 @@ def _round_stats(values: Sequence[float]) -> dict[str, Any]:
 def serve_fake_worker(redis_url: str, namespace: str) -> int:
     """A decode worker that answers every Decode at once (first token, then 7 more)."""
     from common.grpc_server import GrpcServer
-    from common.registry import Heartbeat, Registry
+    from common.heartbeat import Heartbeat
+    from common.registry import Registry
     from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
     from proto import worker_pb2, worker_pb2_grpc
 

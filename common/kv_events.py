@@ -1,7 +1,8 @@
 """KV cache events: what a worker's block manager tells the world about its prefix cache.
 
-The engine emits them; workers publish them (Redis streams); the router's prefix index
-consumes them. Plain dataclasses so they cross process boundaries without torch.
+The engine emits them; workers publish them (Redis streams, :mod:`common.kv_stream`); the
+router's prefix index consumes them. Plain dataclasses so they cross process boundaries
+without torch.
 """
 
 from __future__ import annotations
@@ -27,3 +28,12 @@ class BlockEvicted:
 
 
 KVEvent = BlockStored | BlockEvicted
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """Marker in a pool's KV stream: drop every block indexed for this worker (it
+    restarted or left). Workers publish it on (de)registration, never the engine."""
+
+
+StreamEvent = KVEvent | AllBlocksCleared

@@ -13,10 +13,7 @@ Key scheme (``{ns}`` is the namespace, default ``pdserve``)::
     {ns}:load:{worker_id}    STRING WorkerLoad JSON, PX = heartbeat TTL.
     {ns}:kv:{pool}           STREAM KV events of every worker in the pool, XADD with
                                     MAXLEN ~ kv_stream_maxlen (approximate trimming).
-                                    Entry fields, all strings:
-                                      worker_id, type ("stored" | "evicted" | "clear"),
-                                      block_hash, parent_hash, block_id
-                                    (decimal; "" where the type has no such field).
+                                    Entries: common.kv_stream.
 
 One stream per pool, not per worker: a router follows a pool with one XREAD and never has
 to discover new streams, and each worker's events keep their order because a worker
@@ -25,36 +22,28 @@ groups, which would hand each event to only one router.
 
 Worker lifecycle: ``register`` (info + index + a ``clear`` marker, since a freshly started
 worker's cache is empty) → ``heartbeat`` every ``interval_s`` (refresh TTL, publish load) →
-``deregister`` (delete keys + ``clear`` marker) or death (keys expire). :class:`Heartbeat`
-runs that loop for a worker. Streams are trimmed, so a router that falls further behind
-than ``kv_stream_maxlen`` entries, or starts late, has an incomplete prefix index: that
-costs cache hits, never correctness, because workers check their own caches.
+``deregister`` (delete keys + ``clear`` marker) or death (keys expire).
+:class:`common.heartbeat.Heartbeat` runs that loop for a worker. Streams are trimmed, so a
+router that falls further behind than ``kv_stream_maxlen`` entries, or starts late, has an
+incomplete prefix index: that costs cache hits, never correctness, because workers check
+their own caches.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
 
-from common.kv_events import BlockEvicted, BlockStored, KVEvent
+from common.kv_events import AllBlocksCleared, StreamEvent
+from common.kv_stream import clear_entry, decode_entry, encode_entry
 from common.worker_info import WorkerInfo, WorkerLoad, WorkerRole
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class AllBlocksCleared:
-    """Marker: drop every block indexed for this worker (it restarted or left)."""
-
-
-StreamEvent = KVEvent | AllBlocksCleared
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +98,7 @@ class Registry:
             pipe.set(k.worker(info.worker_id), info.to_json(), px=self._ttl_ms)
             pipe.sadd(k.index, info.worker_id)
             if clear_kv:
-                pipe.xadd(k.kv(info.pool), _clear_fields(info.worker_id), **self._trim)
+                pipe.xadd(k.kv(info.pool), clear_entry(info.worker_id), **self._trim)
             await pipe.execute()
 
     async def heartbeat(self, worker_id: str, load: WorkerLoad | None = None) -> bool:
@@ -143,7 +132,7 @@ class Registry:
             pipe.delete(k.worker(worker_id), k.load(worker_id))
             pipe.srem(k.index, worker_id)
             if pool is not None:
-                pipe.xadd(k.kv(pool), _clear_fields(worker_id), **self._trim)
+                pipe.xadd(k.kv(pool), clear_entry(worker_id), **self._trim)
             await pipe.execute()
 
     async def publish_kv_events(
@@ -158,7 +147,7 @@ class Registry:
         stream = self._keys.kv(self._pool_of(worker_id, pool))
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.xadd(stream, _encode(worker_id, event), **self._trim)
+                pipe.xadd(stream, encode_entry(worker_id, event), **self._trim)
             return list(await pipe.execute())
 
     async def publish_kv_clear(self, worker_id: str, *, pool: str | None = None) -> str:
@@ -210,7 +199,7 @@ class Registry:
             pool = self._keys.pool_of_stream(key)
             for entry_id, fields in entries:
                 last_ids[pool] = entry_id
-                decoded = _decode(fields)
+                decoded = decode_entry(fields)
                 if decoded is not None:
                     records.append(KVEventRecord(entry_id, pool, *decoded))
         return records
@@ -251,76 +240,6 @@ class SyncRegistryReader:
         return _parse_loads(self._redis.mget([self._keys.load(i) for i in ids]) if ids else [])
 
 
-class Heartbeat:
-    """Keeps one worker registered with fresh load until stopped.
-
-    ``start()`` registers (with a ``clear`` marker) and starts a task that, every
-    ``interval_s``, refreshes the TTL and publishes ``load_fn()``; ``stop()`` cancels it and
-    deregisters. Redis errors are logged and retried on the next beat: a worker that cannot
-    reach Redis drops out of routing by TTL, which is the right outcome. The event loop
-    must stay responsive (run model steps off-loop) or the worker expires under load.
-    """
-
-    def __init__(
-        self,
-        registry: Registry,
-        info: WorkerInfo,
-        load_fn: Callable[[], WorkerLoad],
-        interval_s: float = 0.25,
-    ) -> None:
-        if not 0 < interval_s < registry.heartbeat_ttl_s:
-            raise ValueError(
-                f"interval_s={interval_s} must be in (0, ttl={registry.heartbeat_ttl_s})"
-            )
-        self._registry = registry
-        self._info = info
-        self._load_fn = load_fn
-        self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("Heartbeat already started")
-        await self._registry.register(self._info)
-        await self._registry.publish_load(self._load_fn())
-        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._info.worker_id}")
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
-        try:
-            await self._registry.deregister(self._info.worker_id)
-        except (redis.RedisError, OSError) as exc:  # the TTL removes it anyway
-            log.warning("deregister %s failed: %s", self._info.worker_id, exc)
-
-    async def __aenter__(self) -> Heartbeat:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def _run(self) -> None:
-        worker_id = self._info.worker_id
-        failing = False
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                if not await self._registry.heartbeat(worker_id, self._load_fn()):
-                    # Expired while alive: the cache is intact, so keep routers' blocks.
-                    log.warning("registration of %s had expired; re-registering", worker_id)
-                    await self._registry.register(self._info, clear_kv=False)
-                failing = False
-            except Exception as exc:
-                if not failing:  # log the first failure of a streak, not every beat
-                    log.warning("heartbeat of %s failed: %s", worker_id, exc)
-                failing = True
-
-
 # ---- encoding: dataclasses ↔ Redis values ----------------------------------------------
 
 
@@ -340,52 +259,6 @@ class _Keys:
 
     def pool_of_stream(self, key: str) -> str:
         return key.removeprefix(f"{self.ns}:kv:")
-
-
-def _encode(worker_id: str, event: StreamEvent) -> dict[str, str]:
-    if isinstance(event, BlockStored):
-        typ, parent = "stored", str(event.parent_hash)
-    elif isinstance(event, BlockEvicted):
-        typ, parent = "evicted", ""
-    elif isinstance(event, AllBlocksCleared):
-        return _clear_fields(worker_id)
-    else:
-        raise TypeError(f"not a KV event: {event!r}")
-    return {
-        "worker_id": worker_id,
-        "type": typ,
-        "block_hash": str(event.block_hash),
-        "parent_hash": parent,
-        "block_id": str(event.block_id),
-    }
-
-
-def _clear_fields(worker_id: str) -> dict[str, str]:
-    return {
-        "worker_id": worker_id,
-        "type": "clear",
-        "block_hash": "",
-        "parent_hash": "",
-        "block_id": "",
-    }
-
-
-def _decode(fields: dict[str, str]) -> tuple[str, StreamEvent] | None:
-    """(worker_id, event), or None for an entry this version cannot read (logged, skipped)."""
-    try:
-        worker_id, typ = fields["worker_id"], fields["type"]
-        if typ == "stored":
-            h, p, b = (int(fields[f]) for f in ("block_hash", "parent_hash", "block_id"))
-            return worker_id, BlockStored(block_hash=h, parent_hash=p, block_id=b)
-        if typ == "evicted":
-            h, b = int(fields["block_hash"]), int(fields["block_id"])
-            return worker_id, BlockEvicted(block_hash=h, block_id=b)
-        if typ == "clear":
-            return worker_id, AllBlocksCleared()
-    except (KeyError, ValueError):
-        pass
-    log.warning("skipping unreadable KV stream entry %r", fields)
-    return None
 
 
 def _parse_infos(ids: list[str], raws: list[str | None]) -> tuple[list[WorkerInfo], list[str]]:

@@ -36,9 +36,10 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from common.grpc_server import AddServicerFn, GrpcServer
+from common.heartbeat import Heartbeat
 from common.kv_events import KVEvent
 from common.metrics import Metrics
-from common.registry import Heartbeat, Registry
+from common.registry import Registry
 from common.worker_config import WorkerConfig
 from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
 from proto import worker_pb2, worker_pb2_grpc

@@ -23,8 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
-from common.kv_events import BlockEvicted, BlockStored
-from common.registry import AllBlocksCleared, StreamEvent
+from common.kv_events import AllBlocksCleared, BlockEvicted, BlockStored, StreamEvent
 
 _CONFIRMED = math.inf  # expiry of a block an event reported
 

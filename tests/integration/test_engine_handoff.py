@@ -24,10 +24,12 @@ def pair() -> tuple[LLMEngine, LLMEngine]:
     return prefill, decode
 
 
-def prefill_and_hand_over(prefill: LLMEngine, decode: LLMEngine, request_id: str,
-                          prompt: list[int], layer_wise: bool) -> None:
-    seq = prefill.add_request(request_id, prompt, SamplingParams(max_tokens=1, temperature=0.0),
-                              hold_blocks=True)
+def prefill_and_hand_over(
+    prefill: LLMEngine, decode: LLMEngine, request_id: str, prompt: list[int], layer_wise: bool
+) -> None:
+    seq = prefill.add_request(
+        request_id, prompt, SamplingParams(max_tokens=1, temperature=0.0), hold_blocks=True
+    )
     dest = decode.reserve_blocks(decode.blocks_for_prompt(len(prompt)))
     assert dest is not None
     landed: list[int] = []
@@ -51,8 +53,7 @@ def prefill_and_hand_over(prefill: LLMEngine, decode: LLMEngine, request_id: str
 
 
 @pytest.mark.parametrize("layer_wise", [False, True])
-def test_handoff_matches_single_engine(pair: tuple[LLMEngine, LLMEngine], layer_wise: bool
-                                       ) -> None:
+def test_handoff_matches_single_engine(pair: tuple[LLMEngine, LLMEngine], layer_wise: bool) -> None:
     prefill, decode = pair
     prompts = [list(range(500 + i, 540 + 37 * i)) for i in range(4)]
     expected = [o.token_ids for o in LLM(num_kv_blocks=96).generate(prompts, PARAMS)]
@@ -82,8 +83,9 @@ def test_first_token_can_finish_the_request(pair: tuple[LLMEngine, LLMEngine]) -
 
 def test_abort_releases_held_blocks(pair: tuple[LLMEngine, LLMEngine]) -> None:
     prefill, _ = pair
-    seq = prefill.add_request("held", list(range(100, 150)), SamplingParams(max_tokens=1),
-                              hold_blocks=True)
+    seq = prefill.add_request(
+        "held", list(range(100, 150)), SamplingParams(max_tokens=1), hold_blocks=True
+    )
     while not seq.is_finished:
         prefill.step()
     assert prefill.block_manager.num_used_blocks == len(seq.block_table) > 0

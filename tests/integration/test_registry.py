@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from common.hashing import ROOT_HASH
-from common.kv_events import BlockEvicted, BlockStored
-from common.registry import AllBlocksCleared, Heartbeat, Registry, SyncRegistryReader
+from common.heartbeat import Heartbeat
+from common.kv_events import AllBlocksCleared, BlockEvicted, BlockStored
+from common.registry import Registry, SyncRegistryReader
 from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
 
 TTL_S = 0.5

@@ -6,8 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.hashing import ROOT_HASH, block_hashes
-from common.kv_events import BlockEvicted, BlockStored
-from common.registry import AllBlocksCleared
+from common.kv_events import AllBlocksCleared, BlockEvicted, BlockStored
 from router.index import PrefixIndex
 
 
