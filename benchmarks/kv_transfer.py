@@ -11,11 +11,12 @@ Bandwidth, per size (1, 16, 64, 256 MiB of KV rounded to whole blocks, and the K
 
 * ``realistic``  end to end: ``send()`` until the sender's transfer is DONE, i.e. the
   receiver has landed every block in its (different) destination ids and said so —
-  pack, send, land and the handshakes. Source and destination ids each come from the
-  engine's own ``BlockManager`` in a steady state (``CHURN`` requests of 1-64 blocks
-  allocated and about half freed again, in random order: every block handed out about
-  30 times), drawn independently for the two sides; long segments go straight from cache
-  to cache, short ones through staging. **The 80 % goal is judged on this case.**
+  pack, send, land and the handshakes. Source ids are a prompt's blocks in a prefill
+  worker's prefix-caching cache, destination ids a reservation in a decode worker's
+  cache, each side's engine ``BlockManager`` driven the way that worker drives it and
+  warmed up by ``WARMUP`` requests (``benchmarks/_block_ids.py``); long segments go
+  straight from cache to cache, short ones through staging. **The 80 % goal is judged on
+  this case.**
 * ``scattered``  the same with both sides' ids a random permutation: no two neighbours
   are adjacent, every block goes through gather, staging and scatter. Shown, not judged.
 * ``gloo``       the transport's limit: a plain gloo pair between the same two processes
@@ -28,7 +29,8 @@ gloo for sizes >= 16 MiB. The CPU columns add up the CPU time of both processes 
 threads) during a transfer; ``pack+land`` is the gather and scatter of the scattered
 case done on one thread with no wire — gloo's CPU plus that is the floor of the staged
 path on a CPU-bound box. ``segs`` is the median number of segments (stretches that are
-one run on both sides) of the realistic transfers.
+one run on both sides) of the realistic transfers; the JSON also has the mean run length
+of their source and destination ids.
 
 The allocator section measures how the engine's ``BlockManager`` fragments under a long
 steady churn (mean run length of live allocations after N requests). Its free blocks are
@@ -66,6 +68,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from benchmarks._block_ids import (
+    DecodeSide,
+    PrefillSide,
+    contiguous_ids,
+    mean_run,
+    scattered_ids,
+)
 from benchmarks._common import (
     busy_machine_warning,
     environment_info,
@@ -93,7 +102,7 @@ MODEL = "SmolLM2-135M-Instruct"
 GEOMETRY = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16}
 BLOCK_BYTES = KVLayout(**GEOMETRY, num_blocks=1).bytes_per_block
 CACHE_BLOCKS = 1024  # per side: 720 MiB of KV
-CHURN = 1000  # requests (1-64 blocks) through the allocator: every block handed out ~30x
+WARMUP = 1000  # requests (1-64 blocks) through each side's allocator before any draw
 MIB = 1 << 20
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 576, 9, 3, 64, 1536  # SmolLM2-135M
 IDS = ("contiguous", "realistic", "scattered")
@@ -122,32 +131,6 @@ def cases() -> list[Case]:
 
 
 # --------------------------------------------------------------------------- block ids
-
-
-def realistic_ids(n: int, rng: random.Random) -> tuple[int, ...]:
-    """``n`` ids as the engine's BlockManager hands them out after a long churn."""
-    manager = BlockManager(CACHE_BLOCKS, GEOMETRY["block_size"])
-    live: list[list[int]] = []
-    for _ in range(CHURN):
-        size = rng.randint(1, 64)  # 16 to 1024 tokens
-        while live and (manager.num_free_blocks < size + n or rng.random() < 0.5):
-            manager.free_blocks(live.pop(rng.randrange(len(live))))
-        live.append(manager.allocate_blocks(size))
-    while manager.num_free_blocks < n:
-        manager.free_blocks(live.pop(rng.randrange(len(live))))
-    return tuple(manager.allocate_blocks(n))
-
-
-def scattered_ids(n: int, rng: random.Random) -> tuple[int, ...]:
-    return tuple(rng.sample(range(CACHE_BLOCKS), n))
-
-
-def contiguous_ids(n: int, rng: random.Random) -> tuple[int, ...]:
-    start = rng.randrange(CACHE_BLOCKS - n + 1)
-    return tuple(range(start, start + n))
-
-
-DRAW = {"contiguous": contiguous_ids, "realistic": realistic_ids, "scattered": scattered_ids}
 
 
 def segments(src: tuple[int, ...], dst: tuple[int, ...]) -> int:
@@ -239,10 +222,15 @@ class Bench:
         self.raw = raw
         self.rng = random.Random(0)
         self.count = 0
+        self.prefill = PrefillSide(CACHE_BLOCKS, random.Random(1), WARMUP)
+        self.decode = DecodeSide(CACHE_BLOCKS, random.Random(2), WARMUP)
 
     def ids(self, kind: str, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Source and destination ids, drawn independently (different ids, different runs)."""
-        return DRAW[kind](n, self.rng), DRAW[kind](n, self.rng)
+        if kind == "realistic":
+            return self.prefill.draw(n), self.decode.draw(n)
+        draw = contiguous_ids if kind == "contiguous" else scattered_ids
+        return draw(n, CACHE_BLOCKS, self.rng), draw(n, CACHE_BLOCKS, self.rng)
 
     def expect(self, dst: tuple[int, ...]) -> tuple[str, float]:
         """Register a transfer on the peer; returns its id and the peer's CPU time."""
@@ -340,6 +328,8 @@ def bandwidth(bench: Bench, reps_for: dict[int, int]) -> list[dict[str, Any]]:
             "blocks": case.blocks,
             "mib": case.nbytes / MIB,
             "segments": median(segs),
+            "realistic_src_mean_run": mean_run([ids["realistic"][0] for ids in draws]),
+            "realistic_dst_mean_run": mean_run([ids["realistic"][1] for ids in draws]),
             "gloo_s": gloo_s,
             "gloo_gbps": case.nbytes / gloo_s / 1e9,
             "gloo_cpu_s": median([x.cpu_s for x in gloo]),
@@ -358,7 +348,9 @@ def bandwidth(bench: Bench, reps_for: dict[int, int]) -> list[dict[str, Any]]:
         rows.append(row)
         print(
             f"  {case.label:>17}: contiguous {row['contiguous_gbps']:.2f}, realistic "
-            f"{row['realistic_gbps']:.2f} ({row['segments']:g} segments), scattered "
+            f"{row['realistic_gbps']:.2f} ({row['segments']:g} segments; runs "
+            f"{row['realistic_src_mean_run']:.1f} / {row['realistic_dst_mean_run']:.1f}), "
+            f"scattered "
             f"{row['scattered_gbps']:.2f}, gloo {row['gloo_gbps']:.2f}, memcpy "
             f"{row['memcpy_gbps']:.2f} GB/s",
             flush=True,
@@ -574,7 +566,7 @@ def main() -> None:
         "direct_min_bytes": config.direct_min_bytes,
         "block_bytes": BLOCK_BYTES,
         "cache_blocks": CACHE_BLOCKS,
-        "realistic_churn_requests": CHURN,
+        "realistic_warmup_requests": WARMUP,
         "bandwidth": rows,
         "allocator_drift": drift,
         "layerwise": lw,

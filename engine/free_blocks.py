@@ -13,7 +13,9 @@ Policy of :meth:`FreeBlocks.take`:
 1. ``after`` (the id just past the caller's last block) first, as far as its extent
    goes: a sequence that grows keeps growing its own run.
 2. Then best fit: the shortest extent that holds all the rest, taken from its start. Big
-   extents are kept for big requests, small holes are filled by small ones.
+   extents are kept for big requests, small holes are filled by small ones. A caller that
+   will take more later (a prompt prefilled chunk by chunk) says how many in all
+   (``expect``), and the fit is chosen for that, so its next chunks continue the run.
 3. If no extent holds the rest, the longest one whole, and again from 2.
 
 Released ids merge with their free neighbours at once, so the extents are always maximal.
@@ -51,19 +53,29 @@ class FreeBlocks:
         for start, n in self._length_at.items():
             yield from range(start, start + n)
 
-    def take(self, n: int, after: int | None = None) -> list[int]:
+    def longest(self) -> int:
+        """Length of the longest extent (0 if nothing is free)."""
+        return self._lengths[-1] if self._lengths else 0
+
+    def extent_at(self, start: int | None) -> int:
+        """Length of the extent that starts at ``start`` (0 if none does)."""
+        return self._length_at.get(start, 0) if start is not None else 0
+
+    def take(self, n: int, after: int | None = None, expect: int = 0) -> list[int]:
         """``n`` free ids (the caller has checked there are enough), as few runs as the
-        policy in the module docstring finds, in allocation order."""
+        policy in the module docstring finds, in allocation order. ``expect`` (>= ``n``)
+        is how many the caller will take in all, continuing with ``after``: the best fit
+        is chosen for that many, so that the later takes can continue the run."""
         if n > self._count:
             raise ValueError(f"need {n} free blocks, have {self._count}")
         taken: list[int] = []
         if after is not None and n and after in self._length_at:
             taken += self._cut(after, n)
         while len(taken) < n:
-            rest = n - len(taken)
-            i = bisect.bisect_left(self._lengths, rest)
+            want = max(n, expect) - len(taken)
+            i = bisect.bisect_left(self._lengths, want)
             length = self._lengths[i] if i < len(self._lengths) else self._lengths[-1]
-            taken += self._cut(next(iter(self._starts_by_length[length])), rest)
+            taken += self._cut(next(iter(self._starts_by_length[length])), n - len(taken))
         return taken
 
     def put(self, block: int) -> None:

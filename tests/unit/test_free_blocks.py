@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
+from engine.block_manager import RUN_EVICTION_MIN_BLOCKS, BlockManager
 from engine.free_blocks import FreeBlocks
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -135,4 +135,53 @@ def test_evicted_cached_blocks_come_back_as_runs() -> None:
     assert bm.num_cached_blocks == 64 and len(bm._free) == 0
     got = bm.allocate_blocks(16)  # evicts the 16 oldest, s0's (released tail first) ...
     assert got == list(range(16))  # ... which merge back into one run
+    bm.check_invariants()
+
+
+def test_a_long_allocation_evicts_a_window_rather_than_taking_holes() -> None:
+    """A full cache of released sequences, each with its partial last block freed (a
+    hole): a long allocation evicts the oldest sequence's window and comes out as one run,
+    where taking the holes first would cut it into single blocks. Short ones still take
+    the holes first, as strict LRU does."""
+    bm = BlockManager(num_blocks=40, block_size=4)
+    seqs = [Sequence(f"s{i}", list(range(i * 100, i * 100 + 37)), SamplingParams(), 0)
+            for i in range(4)]  # fmt: skip
+    for seq in seqs:  # 9 full blocks + 1 partial each: the whole cache
+        bm.allocate_prefix(seq)
+        assert bm.append_slots(seq, seq.num_tokens)
+        seq.num_computed_tokens = seq.num_tokens
+        bm.commit_computed(seq)
+    assert [seq.block_table[0] for seq in seqs] == [0, 10, 20, 30]
+    for seq in seqs:
+        bm.free(seq)
+    assert len(bm._free) == 4  # the partial blocks 9, 19, 29, 39
+    bm.take_events()
+    assert bm.allocate_blocks(1) == [9]  # short: a hole, nothing evicted
+    assert bm.take_events() == [] and bm.num_cached_blocks == 36
+    got = bm.allocate_blocks(RUN_EVICTION_MIN_BLOCKS)
+    assert runs(got) == 1 and set(got) <= set(range(9))  # in s0's blocks, the oldest
+    evicted = bm.take_events()  # just the window: no more than it takes
+    assert len(evicted) == RUN_EVICTION_MIN_BLOCKS
+    assert {e.block_id for e in evicted} == set(got)
+    bm.check_invariants()
+
+
+def test_expect_places_a_first_chunk_where_the_rest_fits() -> None:
+    free = with_holes(100, [range(10, 14), range(50, 90)])
+    assert free.take(4, expect=12) == [50, 51, 52, 53]  # not the 4-hole: 8 more follow
+    assert free.take(8, after=54) == list(range(54, 62))
+
+
+def test_a_prompt_prefilled_in_chunks_is_one_run() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    hole = bm.allocate_blocks(4)  # blocks 0-3, a 4-block hole once released ...
+    wall = bm.allocate_blocks(1)  # ... walled off by block 4
+    bm.free_blocks(hole)
+    seq = Sequence("long", list(range(48)), SamplingParams(), arrival=0)  # 12 blocks
+    for _ in range(3):  # 16-token chunks: each would best-fit the hole on its own
+        assert bm.append_slots(seq, 16)
+        seq.num_computed_tokens += 16
+    assert runs(seq.block_table) == 1 and seq.block_table[0] == 5
+    bm.free(seq)
+    bm.free_blocks(wall)
     bm.check_invariants()
