@@ -12,7 +12,7 @@ export GLOO_SOCKET_IFNAME := lo
 export PDSERVE_CACHE_DIR ?= $(CURDIR)/.cache
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup serve test lint bench bench-kv bench-disagg bench-router bench-e2e bench-all proto clean redis model
+.PHONY: setup serve test lint bench bench-kv bench-alloc bench-disagg bench-router bench-e2e bench-all proto clean redis model
 
 setup: $(STAMP) $(MODEL) redis
 
@@ -48,6 +48,9 @@ bench: setup
 bench-kv: setup
 	$(BIN)/python benchmarks/kv_transfer.py
 
+bench-alloc: setup
+	$(BIN)/python benchmarks/allocator.py
+
 bench-disagg: setup
 	$(BIN)/python benchmarks/disagg_vs_colocated.py
 
@@ -58,7 +61,7 @@ bench-router: setup
 bench-e2e: setup
 	$(BIN)/pdserve bench suite
 
-bench-all: bench bench-kv bench-disagg bench-router bench-e2e
+bench-all: bench bench-kv bench-alloc bench-disagg bench-router bench-e2e
 
 # Generated code is committed; tests/unit/test_proto_fresh.py fails when it is stale.
 proto: $(STAMP)

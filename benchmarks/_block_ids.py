@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from engine.block_manager import BlockManager
+from engine.block_manager import RUN_EVICTION_MIN_BLOCKS, BlockManager
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kv_transfer.segments import long_runs
@@ -31,10 +31,19 @@ VOCAB = 49_152  # SmolLM2
 class PrefillSide:
     """A prefill worker's prefix-caching cache; :meth:`draw` prefills one more prompt."""
 
-    def __init__(self, num_blocks: int, rng: random.Random, warmup: int = 1000) -> None:
-        self._manager = BlockManager(num_blocks, BLOCK_SIZE)
+    def __init__(
+        self,
+        num_blocks: int,
+        rng: random.Random,
+        warmup: int = 1000,
+        run_eviction_min_blocks: int = RUN_EVICTION_MIN_BLOCKS,
+    ) -> None:
+        self._manager = BlockManager(
+            num_blocks, BLOCK_SIZE, run_eviction_min_blocks=run_eviction_min_blocks
+        )
         self._rng = rng
         self._count = 0
+        self.last_cached_blocks = 0  # of the last draw: its leading prefix-cache hits
         self._prefixes = [
             [rng.randrange(VOCAB) for _ in range(512)] for _ in range(SHARED_PREFIXES)
         ]
@@ -47,6 +56,7 @@ class PrefillSide:
         self._count += 1
         seq = Sequence(f"prompt-{self._count}", tokens, SamplingParams(), arrival=0)
         self._manager.allocate_prefix(seq)
+        self.last_cached_blocks = seq.num_cached_tokens // BLOCK_SIZE
         while seq.num_computed_tokens < len(tokens):
             step = min(CHUNK_TOKENS, len(tokens) - seq.num_computed_tokens)
             if not self._manager.append_slots(seq, step):

@@ -32,10 +32,8 @@ path on a CPU-bound box. ``segs`` is the median number of segments (stretches th
 one run on both sides) of the realistic transfers; the JSON also has the mean run length
 of their source and destination ids.
 
-The allocator section measures how the engine's ``BlockManager`` fragments under a long
-steady churn (mean run length of live allocations after N requests). Its free blocks are
-kept as extents and handed out best-fit (``engine.free_blocks``), so runs survive churn; a
-FIFO free list decayed to runs of about one block (the scattered case).
+How long the engine's runs stay under churn, and what that costs in prefix hits, is
+``benchmarks/allocator.py``.
 
 Layer-wise overlap, 1k-token prompt, realistic ids: a per-layer compute proxy with
 SmolLM2's shapes (RMSNorm, q/k/v/o projections, causal SDPA with 9 query / 3 KV heads,
@@ -83,7 +81,6 @@ from benchmarks._common import (
     write_json,
 )
 from common.env import apply_offline_defaults
-from engine.block_manager import BlockManager
 from engine.kv_cache import KVCache, KVLayout
 from kv_transfer.packing import Staging, layer_block_bytes, pack_staged, staged_ids, unpack_staged
 from kv_transfer.receiver import TorchDistReceiver
@@ -136,24 +133,6 @@ def cases() -> list[Case]:
 def segments(src: tuple[int, ...], dst: tuple[int, ...]) -> int:
     """Stretches that are one run on both sides (direct pieces if long enough)."""
     return len(overlaps(long_runs(src, 1, len(src)), long_runs(dst, 1, len(dst))))
-
-
-def allocator_drift(checkpoints: tuple[int, ...] = (50, 200, 1000, 3000)) -> list[dict]:
-    """Mean run length of the live allocations of a BlockManager under steady churn."""
-    manager = BlockManager(CACHE_BLOCKS, GEOMETRY["block_size"])
-    rng = random.Random(0)
-    live: list[list[int]] = []
-    out = []
-    for step in range(1, max(checkpoints) + 1):
-        size = rng.randint(1, 64)
-        while live and (manager.num_free_blocks < size + 256 or rng.random() < 0.4):
-            manager.free_blocks(live.pop(rng.randrange(len(live))))
-        live.append(manager.allocate_blocks(size))
-        if step in checkpoints:
-            blocks = sum(len(ids) for ids in live)
-            runs = sum(len(long_runs(ids, 1, len(ids))) for ids in live)
-            out.append({"requests": step, "mean_run_blocks": blocks / runs})
-    return out
 
 
 # --------------------------------------------------------------------------- peer process
@@ -436,7 +415,7 @@ def overlap(bench: Bench, whole_s: float, runs: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def report(rows: list[dict[str, Any]], drift: list[dict], lw: dict[str, Any]) -> dict:
+def report(rows: list[dict[str, Any]], lw: dict[str, Any]) -> dict:
     def pct(x: float) -> str:
         return f"{100 * x:.0f}%"
 
@@ -471,8 +450,6 @@ def report(rows: list[dict[str, Any]], drift: list[dict], lw: dict[str, Any]) ->
         f"{pct(worst['realistic'])} -> {verdict}  (contiguous: {pct(worst['contiguous'])}, "
         f"scattered: {pct(worst['scattered'])}, not judged)"
     )
-    runs = ", ".join(f"{d['requests']}: {d['mean_run_blocks']:.1f}" for d in drift)
-    print(f"BlockManager mean run length (blocks) after N requests of steady churn: {runs}")
     print(
         f"layer-wise, 1k-token prompt ({lw['kv_mib']:.1f} MiB, realistic ids): compute "
         f"{lw['compute_s']:.2f} s alone, {lw['compute_with_transfer_s']:.2f} s with the "
@@ -546,11 +523,10 @@ def main() -> None:
         flush=True,
     )
     rows = bandwidth(bench, reps_for)
-    drift = allocator_drift()
     whole_1k = next(r["realistic_s"] for r in rows if r["case"] == "1024-token prompt")
     print("  layer-wise overlap (1k-token prompt)...", flush=True)
     lw = overlap(bench, whole_1k, 1 if args.quick else 2)
-    goals = report(rows, drift, lw)
+    goals = report(rows, lw)
 
     conn.send(("stop", None))
     conn.recv()
@@ -568,7 +544,6 @@ def main() -> None:
         "cache_blocks": CACHE_BLOCKS,
         "realistic_warmup_requests": WARMUP,
         "bandwidth": rows,
-        "allocator_drift": drift,
         "layerwise": lw,
         "goals": goals,
     }

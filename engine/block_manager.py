@@ -23,6 +23,7 @@ transfer, which reserves blocks that another process fills; those blocks are nev
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
@@ -32,13 +33,11 @@ from engine.free_blocks import FreeBlocks
 from engine.sequence import Sequence
 
 # Allocations this long (16-token blocks: 128 tokens) may evict cached blocks early to come
-# out as one run. Measured on a prefix-caching churn (3000 prompts of 16-1024 tokens, some
-# opening with one of 8 shared 256-512-token prefixes, 512-token chunks, 1024 blocks): a
-# prompt's new blocks came out as 1.3-block runs on average (none in one run) with strict
-# LRU eviction and the extents alone; with this and chunk placement (``expect``), 21.5
-# blocks (51% in one run), for prefix hits of 25.5% of prompt tokens instead of 26.5%.
-# Shorter allocations (decode growth, short prompts) take free holes first, as strict LRU.
+# out as one run; shorter ones (decode growth, short prompts) take free holes first, as
+# strict LRU. ``python benchmarks/allocator.py`` measures the trade: runs against prefix
+# hits, with and without it.
 RUN_EVICTION_MIN_BLOCKS = 8
+WINDOW_AGE_FACTOR = 4  # see BlockManager._evict_for_run
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -57,7 +56,11 @@ def _require(condition: bool, message: str) -> None:
 
 class BlockManager:
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        run_eviction_min_blocks: int = RUN_EVICTION_MIN_BLOCKS,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
@@ -66,9 +69,12 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.run_eviction_min_blocks = run_eviction_min_blocks
         self._refcount = [0] * num_blocks
         self._free = FreeBlocks(num_blocks)
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
+        # cached, unreferenced block -> release tick (increasing: LRU first)
+        self._evictable: OrderedDict[int, int] = OrderedDict()
+        self._tick = 0
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
         # request_id -> (number of leading blocks already hashed, hash of the last of them),
@@ -217,13 +223,13 @@ class BlockManager:
         fall short. But a full cache is mostly cached blocks with single free blocks between
         them (a sequence's partial last block, duplicates): taking those holes would cut
         every allocation into pieces, and each piece costs the KV transfer a message or a
-        copy. So an allocation of at least ``RUN_EVICTION_MIN_BLOCKS`` that no free run can
+        copy. So an allocation of at least ``run_eviction_min_blocks`` that no free run can
         hold first evicts a window of cached blocks around the oldest one
         (:meth:`_evict_for_run`); a hole heals once its neighbours go.
         """
         want = max(n, expect)
         if (
-            want >= RUN_EVICTION_MIN_BLOCKS
+            want >= self.run_eviction_min_blocks
             and self._free.longest() < want
             and self._free.extent_at(after) < n
         ):
@@ -236,17 +242,26 @@ class BlockManager:
         return blocks
 
     def _evict_for_run(self, n: int) -> None:
-        """Evict until some free run holds ``n`` blocks, or ``n`` blocks are gone: each
-        round takes the oldest cached block and, if it lies within ``n`` consecutive
-        unused ids (free or cached, none referenced), evicts the cached ones of that
-        window, else just it."""
+        """Evict until some free run holds ``n`` blocks, or ``n`` blocks are gone.
+
+        Each round takes the oldest cached block. If it lies within ``n`` consecutive ids
+        that are all free or *old* cached blocks (among the ``WINDOW_AGE_FACTOR * n``
+        least recently released), the cached ones of that window go; else just it. Young
+        cached blocks — a shared system prompt that keeps being hit — are never evicted
+        out of turn."""
         budget = n
         while self._evictable and budget > 0 and self._free.longest() < n:
             oldest = next(iter(self._evictable))
+            ages = self._evictable.values()
+            limit = next(itertools.islice(ages, WINDOW_AGE_FACTOR * n - 1, None), self._tick)
+
+            def spare(block: int, limit: int = limit) -> bool:
+                return self._refcount[block] == 0 and self._evictable.get(block, -1) <= limit
+
             lo = hi = oldest
-            while lo > 0 and self._refcount[lo - 1] == 0 and oldest - lo + 1 < n:
+            while lo > 0 and spare(lo - 1) and oldest - lo + 1 < n:
                 lo -= 1
-            while hi + 1 < self.num_blocks and self._refcount[hi + 1] == 0 and hi - lo + 1 < n:
+            while hi + 1 < self.num_blocks and spare(hi + 1) and hi - lo + 1 < n:
                 hi += 1
             window = range(lo, hi + 1) if hi - lo + 1 >= n else range(oldest, oldest + 1)
             for block in window:
@@ -283,7 +298,8 @@ class BlockManager:
         self._refcount[block] -= 1
         if self._refcount[block] == 0:
             if block in self._block_to_hash:
-                self._evictable[block] = None  # most recently used end
+                self._evictable[block] = self._tick  # most recently used end
+                self._tick += 1
             else:
                 self._free.put(block)
 

@@ -138,15 +138,13 @@ def test_evicted_cached_blocks_come_back_as_runs() -> None:
     bm.check_invariants()
 
 
-def test_a_long_allocation_evicts_a_window_rather_than_taking_holes() -> None:
-    """A full cache of released sequences, each with its partial last block freed (a
-    hole): a long allocation evicts the oldest sequence's window and comes out as one run,
-    where taking the holes first would cut it into single blocks. Short ones still take
-    the holes first, as strict LRU does."""
+def released_full_cache() -> BlockManager:
+    """40 blocks of 4 tokens, filled by sequences s0..s3 (blocks 0-9, 10-19, ...: 9 full
+    blocks and a partial one each), released in that order: 36 cached, 4 free holes."""
     bm = BlockManager(num_blocks=40, block_size=4)
     seqs = [Sequence(f"s{i}", list(range(i * 100, i * 100 + 37)), SamplingParams(), 0)
             for i in range(4)]  # fmt: skip
-    for seq in seqs:  # 9 full blocks + 1 partial each: the whole cache
+    for seq in seqs:
         bm.allocate_prefix(seq)
         assert bm.append_slots(seq, seq.num_tokens)
         seq.num_computed_tokens = seq.num_tokens
@@ -154,6 +152,15 @@ def test_a_long_allocation_evicts_a_window_rather_than_taking_holes() -> None:
     assert [seq.block_table[0] for seq in seqs] == [0, 10, 20, 30]
     for seq in seqs:
         bm.free(seq)
+    return bm
+
+
+def test_a_long_allocation_evicts_a_window_rather_than_taking_holes() -> None:
+    """A full cache of released sequences, each with its partial last block freed (a
+    hole): a long allocation evicts the oldest sequence's window and comes out as one run,
+    where taking the holes first would cut it into single blocks. Short ones still take
+    the holes first, as strict LRU does."""
+    bm = released_full_cache()
     assert len(bm._free) == 4  # the partial blocks 9, 19, 29, 39
     bm.take_events()
     assert bm.allocate_blocks(1) == [9]  # short: a hole, nothing evicted
@@ -184,4 +191,18 @@ def test_a_prompt_prefilled_in_chunks_is_one_run() -> None:
     assert runs(seq.block_table) == 1 and seq.block_table[0] == 5
     bm.free(seq)
     bm.free_blocks(wall)
+    bm.check_invariants()
+
+
+def test_window_eviction_spares_recently_hit_blocks() -> None:
+    """The window around the oldest cached block stops at a block that was hit recently
+    (a shared prefix): only old blocks are evicted out of turn."""
+    bm = released_full_cache()
+    hot = Sequence("hot", [*range(8), 7777], SamplingParams(), 0)  # hits s0's blocks 0, 1
+    bm.allocate_prefix(hot)
+    assert hot.block_table == [0, 1]
+    bm.free(hot)  # now the most recently released
+    got = bm.allocate_blocks(RUN_EVICTION_MIN_BLOCKS)
+    assert got == list(range(2, 10))  # s0's old blocks and its freed partial one
+    assert bm.match_prefix(Sequence("again", [*range(8), 1], SamplingParams(), 0)) == 8
     bm.check_invariants()
