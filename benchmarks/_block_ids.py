@@ -102,7 +102,11 @@ def contiguous_ids(n: int, num_blocks: int, rng: random.Random) -> tuple[int, ..
     return tuple(range(start, start + n))
 
 
+def run_count(ids: tuple[int, ...]) -> int:
+    """How many runs of consecutive ids ``ids`` is."""
+    return len(long_runs(ids, 1, len(ids)))
+
+
 def mean_run(draws: list[tuple[int, ...]]) -> float:
     """Mean length, in blocks, of the runs of consecutive ids in ``draws``."""
-    blocks = sum(len(ids) for ids in draws)
-    return blocks / sum(len(long_runs(ids, 1, len(ids))) for ids in draws)
+    return sum(len(ids) for ids in draws) / sum(run_count(ids) for ids in draws)

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._block_ids import DecodeSide, PrefillSide, mean_run
+from benchmarks._block_ids import DecodeSide, PrefillSide, mean_run, run_count
 from benchmarks._common import environment_info, print_table, write_json
 from engine.block_manager import RUN_EVICTION_MIN_BLOCKS
 
@@ -52,7 +52,7 @@ def prefill_side(blocks: int, requests: int, run_eviction_min_blocks: int) -> di
             new.append(ids[side.last_cached_blocks :])
     return {
         "mean_run_blocks": mean_run(new),
-        "one_run_share": sum(mean_run([ids]) == len(ids) for ids in new) / len(new),
+        "one_run_share": sum(run_count(ids) == 1 for ids in new) / len(new),
         "prefix_hit_share": cached / total,
     }
 

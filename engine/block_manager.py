@@ -246,18 +246,20 @@ class BlockManager:
 
         Each round takes the oldest cached block. If it lies within ``n`` consecutive ids
         that are all free or *old* cached blocks (among the ``WINDOW_AGE_FACTOR * n``
-        least recently released), the cached ones of that window go; else just it. Young
+        least recently released when the call began), the cached ones of that window go;
+        else just it. Young
         cached blocks — a shared system prompt that keeps being hit — are never evicted
         out of turn."""
+        # The age bar is set once per call: evicting the oldest blocks only lowers it.
+        ages = self._evictable.values()
+        limit = next(itertools.islice(ages, WINDOW_AGE_FACTOR * n - 1, None), self._tick)
+
+        def spare(block: int) -> bool:  # free, or cached and old enough
+            return self._refcount[block] == 0 and self._evictable.get(block, -1) <= limit
+
         budget = n
         while self._evictable and budget > 0 and self._free.longest() < n:
             oldest = next(iter(self._evictable))
-            ages = self._evictable.values()
-            limit = next(itertools.islice(ages, WINDOW_AGE_FACTOR * n - 1, None), self._tick)
-
-            def spare(block: int, limit: int = limit) -> bool:
-                return self._refcount[block] == 0 and self._evictable.get(block, -1) <= limit
-
             lo = hi = oldest
             while lo > 0 and spare(lo - 1) and oldest - lo + 1 < n:
                 lo -= 1
