@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Self
+from types import FrameType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/<script>.py` without an install
     sys.path.insert(0, str(REPO_ROOT))
 
+from common.service import Service  # noqa: E402
 from deploy.redis_process import RedisProcess  # noqa: E402
 
 READY = re.compile(r"^(\w+) worker (\S+) serving gRPC on (\S+) kv (\S+) metrics (\S+)$")
@@ -200,30 +200,6 @@ def _wait_healthy(address: str, timeout_s: float) -> None:
     from common.grpc_server import wait_healthy  # the repo is on sys.path by now
 
     wait_healthy(address, timeout_s=timeout_s)
-
-
-# --------------------------------------------------------------------------- services
-
-
-class Service:
-    """start() / stop() plus the ``with`` protocol: stop() runs however the block ends."""
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- cluster

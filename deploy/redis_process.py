@@ -21,15 +21,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import redis
+
+from common.service import Service
 
 INSTALL_HINT = "redis-server is not on PATH: `apt-get install redis-server` (or `make setup`)"
 _PR_SET_PDEATHSIG = 1
 
 
-class RedisProcess:
+class RedisProcess(Service):
     def __init__(self, startup_timeout_s: float = 10.0, attempts: int = 5) -> None:
         self._timeout_s = startup_timeout_s
         self._attempts = attempts
@@ -74,17 +75,6 @@ class RedisProcess:
             self._tmp.cleanup()
             self._tmp = None
         self.port = None
-
-    def __enter__(self) -> RedisProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _try_start(self, binary: str, port: int, workdir: Path, errors: list[str]) -> bool:
         log_path = workdir / f"redis-{port}.log"

@@ -23,11 +23,11 @@ import yaml
 from benchmarks._cluster import (
     ChildProcess,
     LocalCluster,
-    Service,
     WorkerSpec,
     start_ready,
     worker_env,
 )
+from common.service import Service
 from deploy.redis_process import free_loopback_port
 
 ROUTER_READY = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
