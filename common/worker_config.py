@@ -149,6 +149,7 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--block-size", "engine.block_size", int, "tokens per KV block"),
     ("--num-kv-blocks", "engine.num_kv_blocks", int, "KV cache size in blocks"),
     ("--kv-cache-gib", "engine.kv_cache_gib", float, "KV cache size in GiB"),
+    ("--kv-cache-order", "engine.kv_cache_order", str, "layer_first | page_first"),
     ("--max-model-len", "engine.max_model_len", int, "context length cap"),
     ("--max-num-seqs", "engine.max_num_seqs", int, "running batch cap"),
     ("--max-num-batched-tokens", "engine.max_num_batched_tokens", int, "per-step token budget"),

@@ -44,6 +44,7 @@ class BlockGeometry:
     num_kv_heads: int
     head_dim: int
     num_blocks: int  # capacity of this worker's cache (may differ between workers)
+    order: str = "layer_first"  # the cache's memory order (engine.kv_cache); KV peers agree
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_BYTES:
@@ -62,6 +63,10 @@ class BlockGeometry:
 
     def transfer_compatible(self, other: BlockGeometry) -> bool:
         """Whether blocks can move between the two caches as-is (capacity may differ)."""
+        return self._shape() == other._shape()
+
+    def _shape(self) -> tuple[Any, ...]:
+        """Everything but the capacity."""
         return (
             self.model,
             self.dtype,
@@ -69,13 +74,7 @@ class BlockGeometry:
             self.num_layers,
             self.num_kv_heads,
             self.head_dim,
-        ) == (
-            other.model,
-            other.dtype,
-            other.block_size,
-            other.num_layers,
-            other.num_kv_heads,
-            other.head_dim,
+            self.order,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +91,8 @@ class BlockGeometry:
             num_kv_heads=d.integer("num_kv_heads"),
             head_dim=d.integer("head_dim"),
             num_blocks=d.integer("num_blocks"),
+            # absent from registrations of workers older than the page-first order
+            order=d.string("order") if "order" in data else "layer_first",
         )
 
     def to_json(self) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.kv_cache import slot_rows
+
 
 @dataclass(slots=True)
 class PrefillSpan:
@@ -50,9 +52,8 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Store new K/V rows ``(T, kv_heads, head_dim)`` at their slots."""
-    heads, dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
+    slot_rows(k_cache).index_copy_(0, slot_mapping, k)
+    slot_rows(v_cache).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention(
@@ -139,5 +140,5 @@ def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     ``index_select`` rather than ``cache[slots]``: advanced indexing is ~200x slower here.
     """
     heads, dim = cache.shape[2], cache.shape[3]
-    rows = cache.view(-1, heads, dim).index_select(0, slots.reshape(-1))
+    rows = slot_rows(cache).index_select(0, slots.reshape(-1))
     return rows.view(*slots.shape, heads, dim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_ORDERS = ("layer_first", "page_first")  # memory orders of engine.kv_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,13 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_gib: float = 1.0
+    # How the cache's memory is ordered (engine/kv_cache.py). "page_first" sends a
+    # whole-request KV transfer as one message per run of blocks, scattered blocks
+    # included, and stages layer-wise ones; "layer_first" sends a layer-wise transfer's
+    # long runs in place but a whole one as 2 x layers messages per run and its short runs
+    # through staging (benchmarks/kv_transfer.py has both). Both ends of a transfer must
+    # use the same order: the KV handshake refuses a mismatch.
+    kv_cache_order: str = "page_first"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 64  # running batch cap
     max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
@@ -38,6 +46,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_order not in KV_CACHE_ORDERS:
+            raise ValueError(
+                f"kv_cache_order must be one of {KV_CACHE_ORDERS}, got {self.kv_cache_order!r}"
+            )
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -210,6 +210,7 @@ class LLMEngine:
             num_kv_heads=layout.num_kv_heads,
             head_dim=layout.head_dim,
             num_blocks=layout.num_blocks,
+            order=layout.order,
         )
 
     def take_kv_events(self) -> list[KVEvent]:
@@ -265,6 +266,7 @@ def _kv_layout(config: EngineConfig, model: ModelConfig, max_model_len: int) -> 
         config.block_size,
         blocks,
         config.dtype,
+        config.kv_cache_order,
     )
     if blocks < 1:
         raise ModelLoadError(

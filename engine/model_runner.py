@@ -35,6 +35,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.block_size = kv_cache.layout.block_size
+        self.row_stride = kv_cache.layout.row_stride  # slot = block * row_stride + offset
         self.device = kv_cache.device
 
     @torch.inference_mode()
@@ -95,7 +96,7 @@ class ModelRunner:
         blocks = block_table.gather(
             1, (positions // self.block_size).expand(block_table.shape[0], -1)
         )
-        return blocks * self.block_size + positions % self.block_size
+        return blocks * self.row_stride + positions % self.block_size
 
     def _slot_mapping(self, chunks: list[ScheduledChunk], positions: torch.Tensor) -> torch.Tensor:
         per_chunk = []

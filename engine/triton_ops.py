@@ -7,8 +7,9 @@ on a GPU, so CPU-only installs never need triton. Importing it without triton ra
 when this module is first imported — so the variable must be set before that.
 
 Cache geometry (see :mod:`engine.kv_cache`): one layer's K or V is
-``(num_blocks, block_size, num_kv_heads, head_dim)``; a sequence's token ``p`` lives in
-block ``block_table[p // block_size]`` at offset ``p % block_size``.
+``(num_blocks, block_size, num_kv_heads, head_dim)``, strided over blocks in a page-first
+cache; a sequence's token ``p`` lives in block ``block_table[p // block_size]`` at offset
+``p % block_size``.
 
 All kernels take strides explicitly (views and slices of the cache are fine) and compute
 offsets in int64 wherever ``block_id * stride`` can exceed 2**31 elements. Block ids are

@@ -7,7 +7,8 @@ contiguous tensor ``(l1 - l0, 2, n, block_size, kv_heads, head_dim)``, i.e. exac
 whole chunk rectangle, :func:`pack_staged` / :func:`unpack_staged` for a frame's staged
 positions). Source and destination block ids differ; position ``i`` of the transfer goes
 from ``src_ids[i]`` to ``dst_ids[i]``. A direct piece (:func:`piece_view`) is K or V of
-one layer over a segment: a slice of the cache tensor, contiguous on both sides.
+one layer over a segment (layer-first caches) or every layer's K and V of it (whole pages,
+page-first caches): a slice of the cache's storage, contiguous on both sides.
 
 Frames live in :class:`Staging` buffers that each pair allocates once and reuses: a fresh
 allocation per chunk costs page faults that, measured here, cut the gather to a quarter of
@@ -23,7 +24,7 @@ import torch
 
 from engine import block_copy
 from engine.kv_cache import KVCache, KVLayout, torch_dtype
-from kv_transfer.segments import Frame, Piece
+from kv_transfer.segments import PAGES, Frame, Piece
 from kv_transfer.wire import CTRL_BYTES, HEADER_BYTES, Chunk
 
 BLOCK_AXIS = 2  # of a layer slice (layers, 2, num_blocks, block_size, heads, head_dim)
@@ -77,14 +78,17 @@ class Staging:
         return buf[:size]
 
 
+def piece_bytes(layout: KVLayout, piece: Piece) -> int:
+    layer, _, start, stop = piece
+    per_block = layout.bytes_per_block if layer == PAGES else layer_block_bytes(layout) // 2
+    return per_block * (stop - start)
+
+
 def piece_scratch(staging: Staging, layout: KVLayout, piece: Piece) -> torch.Tensor:
-    """A buffer shaped like ``piece`` in the pair's scratch: what a receiver drains the
-    pieces of a transfer that already ended into, and what a sender's filler pieces
+    """A buffer of ``piece``'s size and dtype in the pair's scratch: what a receiver drains
+    the pieces of a transfer that already ended into, and what a sender's filler pieces
     (after an ABORT) are sent from. Its content is never KV."""
-    _, _, start, stop = piece
-    nbytes = layer_block_bytes(layout) // 2 * (stop - start)
-    view = staging.scratch(nbytes).view(torch_dtype(layout.dtype))
-    return view.view(stop - start, *layout.block_shape)
+    return staging.scratch(piece_bytes(layout, piece)).view(torch_dtype(layout.dtype))
 
 
 def payload_view(frame: torch.Tensor, chunk: Chunk, layout: KVLayout) -> torch.Tensor:
@@ -150,20 +154,28 @@ def unpack_staged(cache: KVCache, ids: torch.Tensor, frame: Frame, buffer: torch
 
 
 def piece_view(cache: KVCache, block_ids: tuple[int, ...], piece: Piece) -> torch.Tensor:
-    """K or V of one layer over a segment, as a contiguous view of the cache tensor.
+    """K or V of one layer over a segment, or whole pages of it, as a contiguous view of
+    the cache's storage.
 
     The segment is one run on this side, so its blocks are ``block_ids[start]`` onwards."""
     layer, kv, start, stop = piece
     first = block_ids[start]
-    return cache.tensor[layer, kv, first : first + (stop - start)]
+    if layer == PAGES:
+        return cache.storage[first : first + (stop - start)]
+    return cache.storage[layer, kv, first : first + (stop - start)]
 
 
 def piece_views(cache: KVCache, block_ids: tuple[int, ...], frame: Frame) -> list[torch.Tensor]:
     """Every direct piece of ``frame`` in wire order (:meth:`Frame.pieces`), a few tensor
     calls per segment rather than per piece: they are on the hot path."""
     views: list[torch.Tensor] = []
+    if frame.pages:
+        for start, stop in frame.direct:
+            first = block_ids[start]
+            views.append(cache.storage[first : first + (stop - start)])
+        return views
     layers = slice(frame.chunk.layer_start, frame.chunk.layer_stop)
     for start, stop in frame.direct:
         first = block_ids[start]
-        views += cache.tensor[layers, :, first : first + (stop - start)].flatten(0, 1).unbind(0)
+        views += cache.storage[layers, :, first : first + (stop - start)].flatten(0, 1).unbind(0)
     return views

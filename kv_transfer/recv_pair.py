@@ -38,7 +38,7 @@ from kv_transfer.expected import ExpectedTransfers
 from kv_transfer.landing import Landing
 from kv_transfer.packing import Staging, layer_block_bytes, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group
-from kv_transfer.segments import Segment, direct_blocks, long_runs, plan_frames
+from kv_transfer.segments import Segment, long_runs, plan_frames, run_min_blocks
 from kv_transfer.torch_dist import Link, classify, wire_timeout
 from kv_transfer.transfer import RecvTransfer
 from kv_transfer.types import PeerAddress, TransferConfig, TransferState
@@ -140,7 +140,9 @@ class ReceiverPair:
     ) -> None:
         layout, grace = self._cache.layout, self._config.grace_s
         mode = CODE_MODES[begin.code]
-        min_blocks = direct_blocks(begin.direct, self._layer_block_bytes)
+        min_blocks = run_min_blocks(
+            begin.direct, self._layer_block_bytes, layout.num_layers, mode, layout.page_first
+        )
         dst_runs = long_runs(transfer.block_ids, min_blocks, CTRL_RUNS)
         plan = plan_frames(
             len(transfer.block_ids),
@@ -151,6 +153,7 @@ class ReceiverPair:
             begin.direct,
             src_runs,
             dst_runs,
+            page_first=layout.page_first,
         )
         landing = Landing(
             link, self._staging, self._cache, transfer, begin, plan, self._depth, grace

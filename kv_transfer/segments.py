@@ -4,11 +4,14 @@ Position ``p`` of a transfer moves from source block ``src_ids[p]`` to destinati
 ``dst_ids[p]``. A *run* is a stretch of positions whose ids are consecutive on one side —
 the engine's block manager hands out ids as few runs as its free space allows
 (``engine.free_blocks``), so most transfers are one or a few runs. Where a source run and
-a destination run overlap, the overlap is one run on both sides: a *segment*. The cache
-tensor is ``(layers, 2, num_blocks, block_size, heads, head_dim)``, so within one layer K
-(or V) of a segment is one contiguous slice on both sides: it goes on the wire as it is —
-sent from the sender's cache view, received into the receiver's cache view — with no
-gather, no staging buffer and no scatter. That is a *direct piece*.
+a destination run overlap, the overlap is one run on both sides: a *segment*. What of a
+segment is one contiguous slice on both sides depends on the caches' memory order
+(``engine.kv_cache``): in a layer-first cache, K (or V) of one layer; in a page-first
+cache, every layer's K and V at once (a *whole-pages* piece, so a whole-mode segment is
+one message, not ``2 × layers``). Such a slice goes on the wire as it is — sent from the
+sender's cache view, received into the receiver's cache view — with no gather, no staging
+buffer and no scatter: a *direct piece*. A page-first cache has none in layer-wise mode
+(one layer of a run of its blocks is strided), so there every block is staged.
 
 A message costs a fixed amount (Python, gloo's rendezvous, thread wake-ups) on top of its
 bytes, so pieces under ``direct_min_bytes`` are not worth their own message: their blocks
@@ -18,13 +21,14 @@ A fully scattered transfer is therefore exactly the old staged protocol; a conti
 moves no byte through staging.
 
 Each side therefore only needs the other's *long* runs (:func:`long_runs`: at least
-:func:`direct_blocks` blocks): they travel inline in BEGIN and ACCEPT, at most
+:func:`run_min_blocks` blocks): they travel inline in BEGIN and ACCEPT, at most
 ``limit`` of them (the longest; leaving a run out only stages its blocks). The frames are
 the chunk rectangles of :func:`kv_transfer.wire.plan_chunks` (layers × positions, at most
-``chunk_bytes`` each); a frame is sent as its first message (header + staged payload)
-followed by its direct pieces, by segment, then layer, K before V. Both sides compute
-the same plan, so every message size is known before it is posted, and the receiver posts
-a frame's pieces together with its first message (:func:`post_limit`).
+``chunk_bytes`` each; for whole pages, every layer × a range of positions); a frame is sent
+as its first message (header + staged payload) followed by its direct pieces, by segment,
+then layer, K before V. Both sides compute the same plan, so every message size is known
+before it is posted, and the receiver posts a frame's pieces together with its first
+message (:func:`post_limit`).
 """
 
 from __future__ import annotations
@@ -39,12 +43,32 @@ from kv_transfer.wire import Chunk, plan_chunks
 Segment = tuple[int, int]  # positions [start, stop) of the transfer
 DIRECT_FRAME_FACTOR = 2  # a mostly direct frame may be this many times chunk_bytes
 Piece = tuple[int, int, int, int]  # (layer, 0 = K | 1 = V, start, stop)
+PAGES = -1  # layer and kv of a whole-pages piece: every layer, K and V
 
 
-def direct_blocks(direct_min_bytes: int, layer_block_bytes: int) -> int:
-    """The fewest blocks whose K (or V) in one layer makes a direct piece."""
-    piece_block_bytes = layer_block_bytes // 2
+def whole_pages(page_first: bool, mode: TransferMode) -> bool:
+    """Whether a transfer's direct pieces are whole pages: page-first caches, whole mode."""
+    return page_first and mode is TransferMode.WHOLE
+
+
+def direct_blocks(direct_min_bytes: int, layer_block_bytes: int, pages_of: int = 0) -> int:
+    """The fewest blocks that make a direct piece: K (or V) of one layer, or whole pages of
+    ``pages_of`` layers."""
+    piece_block_bytes = layer_block_bytes * pages_of if pages_of else layer_block_bytes // 2
     return max(1, -(-direct_min_bytes // piece_block_bytes))
+
+
+def run_min_blocks(
+    direct_min_bytes: int,
+    layer_block_bytes: int,
+    num_layers: int,
+    mode: TransferMode,
+    page_first: bool,
+) -> int:
+    """The fewest blocks of a segment that go direct in this transfer: the shortest run
+    worth listing (:func:`long_runs`)."""
+    pages_of = num_layers if whole_pages(page_first, mode) else 0
+    return direct_blocks(direct_min_bytes, layer_block_bytes, pages_of)
 
 
 def long_runs(block_ids: Sequence[int], min_blocks: int, limit: int) -> tuple[Segment, ...]:
@@ -84,6 +108,7 @@ class Frame:
     chunk: Chunk
     staged: tuple[int, ...]  # positions gathered into the payload (every layer of the chunk)
     direct: tuple[Segment, ...]  # segments sent as pieces straight from / into the caches
+    pages: bool = False  # each direct segment is one whole-pages piece (page-first caches)
 
     @property
     def index(self) -> int:
@@ -99,6 +124,8 @@ class Frame:
 
     def pieces(self) -> list[Piece]:
         """The direct pieces in wire order: by segment, then layer, K before V."""
+        if self.pages:
+            return [(PAGES, PAGES, start, stop) for start, stop in self.direct]
         return [
             (layer, kv, start, stop)
             for start, stop in self.direct
@@ -119,10 +146,16 @@ def plan_frames(
     direct_min_bytes: int,
     src_runs: Sequence[Segment],
     dst_runs: Sequence[Segment],
+    *,
+    page_first: bool = False,
 ) -> tuple[Frame, ...]:
-    """The frames of a transfer, from both sides' runs (:func:`long_runs`)."""
-    min_blocks = direct_blocks(direct_min_bytes, layer_block_bytes)
+    """The frames of a transfer, from both sides' runs (:func:`long_runs`) and the caches'
+    memory order (the handshake made sure both sides have the same)."""
+    pages = whole_pages(page_first, mode)
+    min_blocks = run_min_blocks(direct_min_bytes, layer_block_bytes, num_layers, mode, page_first)
     segments = [s for s in overlaps(src_runs, dst_runs) if s[1] - s[0] >= min_blocks]
+    if page_first and not pages:
+        segments = []  # one layer of a page-first run is strided: nothing goes in place
     num_staged = num_blocks - sum(b - a for a, b in segments)
     # ``chunk_bytes`` bounds a frame's staged payload (its staging memory); direct pieces
     # need none, and bigger frames let the receiver post more pieces ahead (a piece the
@@ -136,12 +169,18 @@ def plan_frames(
         frame_bytes = DIRECT_FRAME_FACTOR * chunk_bytes
     elif num_staged < num_blocks:
         frame_bytes = chunk_bytes * num_blocks // num_staged
-    if num_blocks * layer_block_bytes > frame_bytes:
+    if not pages and num_blocks * layer_block_bytes > frame_bytes:
         frame_bytes = chunk_bytes
     # The ramp shortens the pack at the start and the landing at the end of a pipeline;
     # a transfer that stages nothing has neither, and every extra frame costs a header.
     chunks = plan_chunks(
-        num_blocks, num_layers, layer_block_bytes, mode, frame_bytes, ramp=num_staged > 0
+        num_blocks,
+        num_layers,
+        layer_block_bytes,
+        mode,
+        frame_bytes,
+        ramp=num_staged > 0,
+        across_layers=pages,
     )
     starts = [a for a, _ in segments]
     split: dict[tuple[int, int], tuple[tuple[int, ...], tuple[Segment, ...]]] = {}
@@ -163,7 +202,7 @@ def plan_frames(
                 at = hi
             staged.extend(range(at, span[1]))
             split[span] = (tuple(staged), tuple(pieces))
-        frames.append(Frame(chunk, *split[span]))
+        frames.append(Frame(chunk, *split[span], pages=pages))
     return tuple(frames)
 
 

@@ -36,7 +36,7 @@ from engine.kv_cache import KVCache
 from kv_transfer.errors import PeerLost, ProtocolError, TransferAborted, TransferError
 from kv_transfer.packing import Staging, layer_block_bytes, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
-from kv_transfer.segments import Frame, direct_blocks, long_runs, plan_frames
+from kv_transfer.segments import Frame, long_runs, plan_frames, run_min_blocks
 from kv_transfer.streaming import Streaming
 from kv_transfer.torch_dist import Link, classify, wire_timeout
 from kv_transfer.transfer import SendTransfer
@@ -211,7 +211,13 @@ class SenderPair:
         self._seq += 1
         staging, cfg, layout = self._staging, self._config, self._cache.layout
         n = len(transfer.block_ids)
-        min_blocks = direct_blocks(cfg.direct_min_bytes, self._layer_block_bytes)
+        min_blocks = run_min_blocks(
+            cfg.direct_min_bytes,
+            self._layer_block_bytes,
+            layout.num_layers,
+            transfer.mode,
+            layout.page_first,
+        )
         src_runs = long_runs(transfer.block_ids, min_blocks, CTRL_RUNS)
         reply = link.irecv(staging.rx_control, TAG_CTRL)  # posted first: R never waits on us
         Header(
@@ -243,6 +249,7 @@ class SenderPair:
             cfg.direct_min_bytes,
             src_runs,
             dst_runs,
+            page_first=layout.page_first,
         )
 
     def _stream(self, link: Link, transfer: SendTransfer, plan: tuple[Frame, ...]) -> None:

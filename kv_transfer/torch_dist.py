@@ -49,6 +49,7 @@ def handshake_for(cache: KVCache, model: str) -> Handshake:
         num_layers=layout.num_layers,
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
+        order=layout.order,
         backend=backend_for(cache.device),
     )
 

@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
-PROTOCOL_VERSION = 3  # 2: run exchange and direct pieces; 3: pieces posted ahead
+# 2: run exchange and direct pieces; 3: pieces posted ahead; 4: whole-pages pieces
+PROTOCOL_VERSION = 4
 
 
 class TransferState(Enum):
@@ -46,6 +47,7 @@ class Handshake:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    order: str = "layer_first"  # caches' memory order (engine.kv_cache): pieces slice it
     backend: str = "gloo"  # gloo (CPU tensors) or nccl (CUDA tensors)
     protocol: int = PROTOCOL_VERSION
 

@@ -218,11 +218,14 @@ def plan_chunks(
     chunk_bytes: int,
     *,
     ramp: bool = True,
+    across_layers: bool = False,
 ) -> tuple[Chunk, ...]:
     """Split a transfer into frames of at most ``chunk_bytes`` (or one layer-block).
 
     Layer-major order. Whole mode packs several layers per frame when they fit; layer-wise
-    mode never mixes layers, so a frame can leave as soon as its layer is computed.
+    mode never mixes layers, so a frame can leave as soon as its layer is computed. With
+    ``across_layers`` (whole mode into page-first caches) every frame spans all layers and
+    a range of positions instead, so that a run of blocks is one slice of each cache.
 
     A whole-mode transfer of several frames ramps up and down (1/8, 1/8, 1/4, 1/2 of a
     frame at each end): the first frame must be packed before anything moves and the last
@@ -232,7 +235,12 @@ def plan_chunks(
     per_layer = num_blocks * layer_block_bytes
     rects: list[tuple[int, int, int, int]] = []
     # Equal-sized frames (ceil-divided), rather than full frames and a small remainder.
-    if per_layer <= chunk_bytes:
+    if across_layers:
+        frames = -(-num_blocks // max(1, chunk_bytes // (num_layers * layer_block_bytes)))
+        blocks_per = -(-num_blocks // frames)
+        for start in range(0, num_blocks, blocks_per):
+            rects.append((0, num_layers, start, min(num_blocks, start + blocks_per)))
+    elif per_layer <= chunk_bytes:
         step = 1 if mode is TransferMode.LAYERWISE else max(1, chunk_bytes // per_layer)
         step = -(-num_layers // -(-num_layers // step))
         for start in range(0, num_layers, step):
@@ -244,7 +252,12 @@ def plan_chunks(
             for start in range(0, num_blocks, blocks_per):
                 rects.append((layer, layer + 1, start, min(num_blocks, start + blocks_per)))
     if ramp and mode is TransferMode.WHOLE and len(rects) >= 3:
-        rects = [*_split(rects[0], RAMP_UP), *rects[1:-1], *_split(rects[-1], RAMP_UP[::-1])]
+        by = not across_layers  # frames across layers stay across layers
+        rects = [
+            *_split(rects[0], RAMP_UP, by_layers=by),
+            *rects[1:-1],
+            *_split(rects[-1], RAMP_UP[::-1], by_layers=by),
+        ]
     return tuple(Chunk(i, *rect) for i, rect in enumerate(rects))
 
 
@@ -252,11 +265,12 @@ RAMP_UP = (1, 1, 2, 4)  # relative sizes of the pieces the first frame is cut in
 
 
 def _split(
-    rect: tuple[int, int, int, int], weights: tuple[int, ...]
+    rect: tuple[int, int, int, int], weights: tuple[int, ...], *, by_layers: bool = True
 ) -> list[tuple[int, int, int, int]]:
-    """Cut a chunk rectangle along layers (or else blocks) in proportion to ``weights``."""
+    """Cut a chunk rectangle along layers (if ``by_layers`` and it has enough of them, else
+    blocks) in proportion to ``weights``."""
     l0, l1, b0, b1 = rect
-    by_layers = l1 - l0 >= len(weights)
+    by_layers = by_layers and l1 - l0 >= len(weights)
     lo, hi = (l0, l1) if by_layers else (b0, b1)
     if hi - lo < len(weights):
         return [rect]

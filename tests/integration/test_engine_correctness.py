@@ -49,6 +49,21 @@ def test_greedy_matches_hf_generate(llm: LLM) -> None:
         assert output.prompt_tokens == len(prompt)
 
 
+def test_layer_first_cache_matches_hf_generate(llm: LLM) -> None:
+    """Engines default to a page-first cache (the ``llm`` fixture: strided layer views,
+    slots of ``row_stride``); the layer-first one computes what HF does too: chunked
+    prefill (128-token steps), batched decode, and a cached prefix."""
+    assert llm.engine.layout.order == "page_first"
+    other = LLM(num_kv_blocks=256, max_num_batched_tokens=128, kv_cache_order="layer_first")
+    prefix = long_prompt(llm)[:200]
+    first = [llm.engine.encode(p) for p in PROMPTS[:3]] + [prefix + llm.engine.encode(" Why?")]
+    second = prefix + llm.engine.encode(" Which box is blue?")
+    outputs = other.generate(first, GREEDY_32) + other.generate([second], GREEDY_32)
+    assert outputs[-1].cached_tokens >= 192
+    for prompt, output in zip([*first, second], outputs, strict=True):
+        assert output.token_ids == hf_greedy(hf_model(), prompt, 32), llm.engine.decode(prompt)
+
+
 def test_concurrent_mixed_lengths_equal_solo_runs(llm: LLM) -> None:
     base = long_prompt(llm)
     prompts = [base[: 8 + (37 * i) % 300] for i in range(32)]

@@ -22,6 +22,7 @@ MODEL = "SmolLM2-135M-Instruct"
 GEOMETRY = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16}
 BIG = {**GEOMETRY, "num_blocks": 300}  # room for a 4096-token prompt (256 blocks)
 SMALL = {**GEOMETRY, "num_blocks": 80}
+PAGED = {**BIG, "order": "page_first"}
 # Direct pieces from 11 blocks (K or V of a block in a layer is 12 KiB), so that the
 # "runs" id order below mixes direct pieces and staged blocks in most transfers.
 CONFIG = {
@@ -46,12 +47,12 @@ class Cluster:
     log_dir: Path
 
 
-def _receiver(peer: KVPeer, layout: dict[str, int], **extra: Any) -> str:
+def _receiver(peer: KVPeer, layout: dict[str, Any], **extra: Any) -> str:
     reply = peer.call("init", role="receiver", model=MODEL, layout=layout, config=CONFIG, **extra)
     return reply["address"]
 
 
-def _sender(peer: KVPeer, layout: dict[str, int], seed: int, **extra: Any) -> None:
+def _sender(peer: KVPeer, layout: dict[str, Any], seed: int, **extra: Any) -> None:
     peer.call("init", role="sender", model=MODEL, layout=layout, config=CONFIG, seed=seed, **extra)
 
 
@@ -139,6 +140,49 @@ def test_kv_lands_bit_exact(cluster: Cluster, tokens: int, mode: str, order: str
     tid = f"exact-{tokens}-{mode}-{order}"
     _transfer_ok(cluster.s1, cluster.r1, cluster.addr1, tid, blocks, mode, order)
     _assert_no_leaks(cluster.s1, cluster.r1)
+
+
+@pytest.fixture(scope="module")
+def paged(cluster: Cluster) -> str:
+    """Page-first caches: a second receiver in r1 and a second sender in s1 (endpoint
+    "paged"); returns the receiver's address."""
+    address = _receiver(cluster.r1, PAGED, endpoint="paged")
+    _sender(cluster.s1, PAGED, seed=4, endpoint="paged")
+    return address
+
+
+@pytest.mark.parametrize("order", ["scattered", "runs"])
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+@pytest.mark.parametrize("tokens", [16, 1000, 4096])
+def test_page_first_kv_lands_bit_exact(
+    cluster: Cluster, paged: str, tokens: int, mode: str, order: str
+) -> None:
+    """Whole mode sends each segment (every layer's K and V of its blocks) as one piece,
+    even single scattered blocks; layer-wise mode stages every block."""
+    blocks = -(-tokens // GEOMETRY["block_size"])
+    tid = f"paged-{tokens}-{mode}-{order}"
+    cluster.r1.call("expect", endpoint="paged", tid=tid, blocks=blocks, order=order)
+    digest = cluster.s1.call(
+        "send", endpoint="paged", tid=tid, address=paged, blocks=blocks, mode=mode, order=order
+    )["digest"]
+    sent = cluster.s1.call("wait", endpoint="paged", tid=tid, timeout=30, timeout_s=40)
+    landed = cluster.r1.call("wait", endpoint="paged", tid=tid, timeout=30, timeout_s=40)
+    assert sent["state"] == "done" and landed["state"] == "done", (sent, landed)
+    assert landed["digest"] == digest and landed["layers"] == GEOMETRY["num_layers"]
+    for peer in (cluster.s1, cluster.r1):
+        reply = peer.call("used", endpoint="paged")
+        assert reply["used"] == 0 and reply["clean"], reply
+
+
+def test_cache_order_mismatch_is_refused(cluster: Cluster, paged: str) -> None:
+    cluster.r1.call("expect", tid="order-1", blocks=2, timeout_s=3)
+    cluster.s1.call("send", endpoint="paged", tid="order-1", address=cluster.addr1, blocks=2)
+    reply = cluster.s1.call("wait", endpoint="paged", tid="order-1", timeout=20)
+    assert reply["state"] == "failed" and reply["kind"] == "incompatible"
+    assert "order: receiver 'layer_first', sender 'page_first'" in reply["error"]
+    assert _wait(cluster.r1, "order-1")["kind"] == "timeout"
+    assert cluster.s1.call("used", endpoint="paged")["used"] == 0
+    _assert_no_leaks(cluster.r1)
 
 
 def test_two_senders_into_one_receiver(cluster: Cluster) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from engine.kv_cache import KVCache, KVLayout
+from engine.kv_cache import ORDERS, KVCache, KVLayout
 from kv_transfer.errors import ProtocolError, TransferAborted, TransferRejected, TransferTimeout
 from kv_transfer.packing import Staging, layer_block_bytes
 from kv_transfer.receiver import TorchDistReceiver
@@ -301,17 +301,20 @@ PLANS = {
 }
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("mode", list(TransferMode))
 @pytest.mark.parametrize("plan", ["direct", "mixed"])
 @pytest.mark.parametrize("inference", [False, True], ids=["plain", "inference-tensors"])
 def test_direct_pieces_land_bit_exact_and_nowhere_else(
-    mode: TransferMode, plan: str, inference: bool
+    mode: TransferMode, plan: str, inference: bool, order: str
 ) -> None:
     """``inference``: the caches are inference tensors, as an engine made under
-    ``torch.inference_mode()`` has; the transport threads send and land into them."""
+    ``torch.inference_mode()`` has; the transport threads send and land into them.
+    Page-first caches send whole pages in whole mode and stage everything layer-wise."""
     extra, src, dst = PLANS[plan]
+    layout = dataclasses.replace(LAYOUT, order=order)
     with torch.inference_mode(inference):
-        receiver_cache, cache = KVCache(LAYOUT), KVCache(LAYOUT)
+        receiver_cache, cache = KVCache(layout), KVCache(layout)
         receiver_cache.tensor.fill_(3.0)
         cache.tensor.normal_()
     assert receiver_cache.tensor.is_inference() is inference
@@ -373,11 +376,13 @@ WIDE = KVLayout(num_layers=8, num_kv_heads=4, head_dim=64, block_size=16, num_bl
 WIDE_CONFIG = TransferConfig(timeout_s=10.0, grace_s=1.0, chunk_bytes=2 << 20, poll_interval_s=0.01)
 
 
-def test_receiver_abort_with_pieces_in_flight_never_writes_after_release() -> None:
+@pytest.mark.parametrize("order", ORDERS)
+def test_receiver_abort_with_pieces_in_flight_never_writes_after_release(order: str) -> None:
     """abort() returns only once the pieces posted into the blocks have landed: from then
     on the wire never writes them (the rest of the frames drain into scratch)."""
-    receiver = TorchDistReceiver(KVCache(WIDE), "m", WIDE_CONFIG)
-    cache = KVCache(WIDE)
+    wide = dataclasses.replace(WIDE, order=order)
+    receiver = TorchDistReceiver(KVCache(wide), "m", WIDE_CONFIG)
+    cache = KVCache(wide)
     cache.tensor.normal_()
     sender = TorchDistSender(cache, "m", WIDE_CONFIG)
     dst = tuple(range(80, 144))
@@ -408,11 +413,13 @@ def test_receiver_abort_with_pieces_in_flight_never_writes_after_release() -> No
         receiver.close()
 
 
-def test_sender_abort_with_pieces_in_flight_never_ships_reused_blocks() -> None:
+@pytest.mark.parametrize("order", ORDERS)
+def test_sender_abort_with_pieces_in_flight_never_ships_reused_blocks(order: str) -> None:
     """The source blocks are read in place; release (which frees them for reuse) waits for
     the pieces on the wire, so a receiver that still completes gets the original bytes."""
-    receiver = TorchDistReceiver(KVCache(WIDE), "m", WIDE_CONFIG)
-    cache = KVCache(WIDE)
+    wide = dataclasses.replace(WIDE, order=order)
+    receiver = TorchDistReceiver(KVCache(wide), "m", WIDE_CONFIG)
+    cache = KVCache(wide)
     cache.tensor.normal_()
     sender = TorchDistSender(cache, "m", WIDE_CONFIG)
     src, dst = tuple(range(64)), tuple(range(80, 144))

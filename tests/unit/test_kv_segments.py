@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -10,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.block_manager import BlockManager
-from engine.kv_cache import KVCache, KVLayout
+from engine.kv_cache import ORDERS, KVCache, KVLayout
 from kv_transfer.errors import ProtocolError
 from kv_transfer.packing import (
     Staging,
     layer_block_bytes,
     pack_staged,
+    piece_bytes,
     piece_view,
     piece_views,
     staged_ids,
@@ -23,11 +25,13 @@ from kv_transfer.packing import (
 )
 from kv_transfer.segments import (
     DIRECT_FRAME_FACTOR,
+    PAGES,
     direct_blocks,
     long_runs,
     overlaps,
     plan_frames,
     post_limit,
+    run_min_blocks,
 )
 from kv_transfer.types import TransferMode
 from kv_transfer.wire import CTRL_BYTES, CTRL_RUNS, read_runs, write_runs
@@ -105,43 +109,76 @@ def test_overlaps_are_contiguous_on_both_sides(ids: tuple[list[int], list[int]])
         assert dst[a:b] == list(range(dst[a], dst[a] + b - a))
 
 
-@settings(max_examples=60)
+@settings(max_examples=80)
 @given(
     id_pair(),
     st.sampled_from(list(TransferMode)),
     st.sampled_from([LBB, 3 * LBB, 5 * LBB, 8 * LBB, 10**9]),
-    st.sampled_from([0, 256, 3 * 256, 10**9]),
+    st.sampled_from([0, 256, 3 * 256, 6 * LBB, 10**9]),
+    st.booleans(),
 )
 def test_plan_moves_every_layer_block_once_and_respects_the_limits(
-    ids: tuple[list[int], list[int]], mode: TransferMode, chunk_bytes: int, direct_min: int
+    ids: tuple[list[int], list[int]],
+    mode: TransferMode,
+    chunk_bytes: int,
+    direct_min: int,
+    page_first: bool,
 ) -> None:
     src, dst = ids
     n = min(len(src), len(dst))
-    min_blocks, limit = direct_blocks(direct_min, LBB), 3  # a small limit: some runs left out
+    layers = LAYOUT.num_layers
+    min_blocks = run_min_blocks(direct_min, LBB, layers, mode, page_first)
+    limit = 3  # a small limit: some runs left out
     runs = long_runs(src[:n], min_blocks, limit), long_runs(dst[:n], min_blocks, limit)
-    plan = plan_frames(n, LAYOUT.num_layers, LBB, mode, chunk_bytes, direct_min, *runs)
+    plan = plan_frames(n, layers, LBB, mode, chunk_bytes, direct_min, *runs, page_first=page_first)
     segments = overlaps(_all_runs(src[:n]), _all_runs(dst[:n]))
+    layout = dataclasses.replace(LAYOUT, order="page_first" if page_first else "layer_first")
     moved: list[tuple[int, int, int]] = []  # (layer, kv, position)
     for frame in plan:
         chunk = frame.chunk
-        layers = range(chunk.layer_start, chunk.layer_stop)
-        moved += [(la, kv, p) for la in layers for kv in (0, 1) for p in frame.staged]
+        chunk_layers = range(chunk.layer_start, chunk.layer_stop)
+        moved += [(la, kv, p) for la in chunk_layers for kv in (0, 1) for p in frame.staged]
+        assert frame.pages == (page_first and mode is TransferMode.WHOLE)
+        if frame.pages:  # a whole-pages frame spans every layer
+            assert (chunk.layer_start, chunk.layer_stop) == (0, layers)
+        if page_first and mode is TransferMode.LAYERWISE:
+            assert not frame.pieces()  # one layer of a page-first run is strided
         for layer, kv, start, stop in frame.pieces():
-            assert (stop - start) * LBB // 2 >= direct_min
+            assert piece_bytes(layout, (layer, kv, start, stop)) >= direct_min
             assert any(a <= start and stop <= b for a, b in segments)  # contiguous both sides
-            moved += [(layer, kv, p) for p in range(start, stop)]
+            if layer == PAGES:
+                moved += [
+                    (la, k, p) for la in chunk_layers for k in (0, 1) for p in range(start, stop)
+                ]
+            else:
+                moved += [(layer, kv, p) for p in range(start, stop)]
         assert set(frame.staged) | {p for a, b in frame.direct for p in range(a, b)} == set(
             range(chunk.block_start, chunk.block_stop)
         )
-        piece_bytes = sum((stop - start) * LBB // 2 for _, _, start, stop in frame.pieces())
-        assert frame.staged_bytes(LBB) + piece_bytes == frame.nbytes(LBB)
+        direct_bytes = sum(piece_bytes(layout, piece) for piece in frame.pieces())
+        assert frame.staged_bytes(LBB) + direct_bytes == frame.nbytes(LBB)
         # staging memory stays within chunk_bytes; direct pieces may make a frame bigger
-        assert frame.staged_bytes(LBB) <= max(chunk_bytes, LBB)
-        assert frame.nbytes(LBB) <= DIRECT_FRAME_FACTOR * max(chunk_bytes, LBB)
+        unit = LBB * (layers if frame.pages else 1)  # the smallest frame: one block's worth
+        assert frame.staged_bytes(LBB) <= max(chunk_bytes, unit)
+        assert frame.nbytes(LBB) <= DIRECT_FRAME_FACTOR * max(chunk_bytes, unit)
         if mode is TransferMode.LAYERWISE:
             assert frame.num_layers == 1
-    expected = [(la, kv, p) for la in range(LAYOUT.num_layers) for kv in (0, 1) for p in range(n)]
+    expected = [(la, kv, p) for la in range(layers) for kv in (0, 1) for p in range(n)]
     assert sorted(moved) == expected
+
+
+def test_page_first_whole_transfers_send_a_segment_as_one_piece() -> None:
+    # segments of 6, 1, 3 blocks: in a page-first cache each is one whole-pages piece
+    src = list(range(10, 20))
+    dst = [40, 41, 42, 43, 44, 45, 7, 0, 1, 2]
+    mb = run_min_blocks(128, LBB, 2, TransferMode.WHOLE, page_first=True)
+    assert mb == 1  # a block's pages (2 layers, K and V) are 1 KiB
+    runs = long_runs(src, mb, 9), long_runs(dst, mb, 9)
+    (frame,) = plan_frames(10, 2, LBB, TransferMode.WHOLE, 10**9, 128, *runs, page_first=True)
+    assert frame.pages and frame.staged == ()
+    assert frame.pieces() == [(PAGES, PAGES, 0, 6), (PAGES, PAGES, 6, 7), (PAGES, PAGES, 7, 10)]
+    layerwise = plan_frames(10, 2, LBB, TransferMode.LAYERWISE, 10**9, 128, *runs, page_first=True)
+    assert len(layerwise) == 2 and all(f.staged == tuple(range(10)) for f in layerwise)
 
 
 def test_direct_threshold_splits_a_mixed_transfer() -> None:
@@ -175,17 +212,25 @@ def test_post_limit_keeps_depth_frames_posted_pieces_or_not() -> None:
         assert post_limit(plan, 0, 2) == 2
 
 
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode", list(TransferMode))
 @pytest.mark.parametrize("direct_min", [0, 3 * 256, 10**9])
-def test_staged_and_direct_pieces_land_bit_exact_in_other_block_ids(direct_min: int) -> None:
+def test_staged_and_direct_pieces_land_bit_exact_in_other_block_ids(
+    direct_min: int, mode: TransferMode, order: str
+) -> None:
     torch.manual_seed(0)
-    src, dst = KVCache(LAYOUT), KVCache(LAYOUT)
+    layout = dataclasses.replace(LAYOUT, order=order)
+    src, dst = KVCache(layout), KVCache(layout)
     src.tensor.normal_()
     dst.tensor.fill_(-7.0)
     src_ids = (3, 4, 5, 6, 7, 30, 31, 9, 50, 51, 52)
     dst_ids = (20, 21, 22, 60, 61, 62, 63, 1, 2, 40, 41)
-    mb = direct_blocks(direct_min, LBB)
+    mb = run_min_blocks(direct_min, LBB, layout.num_layers, mode, layout.page_first)
     runs = long_runs(src_ids, mb, 9), long_runs(dst_ids, mb, 9)
-    plan = plan_frames(11, LAYOUT.num_layers, LBB, TransferMode.WHOLE, 4 * LBB, direct_min, *runs)
+    plan = plan_frames(
+        11, layout.num_layers, LBB, mode, 4 * LBB, direct_min, *runs,
+        page_first=layout.page_first,
+    )  # fmt: skip
     staging = Staging(torch.device("cpu"))
     for frame in plan:
         buf = staging.frame(0, frame.staged_bytes(LBB))
@@ -196,10 +241,11 @@ def test_staged_and_direct_pieces_land_bit_exact_in_other_block_ids(direct_min: 
         assert len(outs) == len(intos) == len(frame.pieces())
         for piece, out, into in zip(frame.pieces(), outs, intos, strict=True):
             assert out.is_contiguous() and into.is_contiguous()
+            assert out.numel() * out.element_size() == piece_bytes(layout, piece)
             assert torch.equal(out, piece_view(src, src_ids, piece))
             into.copy_(out)  # what the wire does
     assert torch.equal(src.gather(torch.tensor(src_ids)), dst.gather(torch.tensor(dst_ids)))
-    untouched = [b for b in range(LAYOUT.num_blocks) if b not in dst_ids]
+    untouched = [b for b in range(layout.num_blocks) if b not in dst_ids]
     assert bool((dst.gather(torch.tensor(untouched)) == -7.0).all())
 
 

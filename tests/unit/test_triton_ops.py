@@ -17,6 +17,7 @@ import torch
 import triton
 
 from engine import triton_ops
+from engine.kv_cache import KVCache, KVLayout
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -222,6 +223,28 @@ def test_paged_decode_attention_strided_inputs(ops: ModuleType) -> None:
     lens = torch.tensor([20, 40, 1], dtype=torch.int32, device=DEVICE)
     out = ops.paged_decode_attention(q, k, v, tables, lens, dim**-0.5)
     ref = ops.reference_paged_decode_attention(q, k, v, tables, lens, dim**-0.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_copy_and_decode_on_a_page_first_cache(ops: ModuleType) -> None:
+    """A page-first cache's logical view: strided over blocks, layers and K/V."""
+    layout = KVLayout(3, 2, 32, BLOCK_SIZE, 10, order="page_first")
+    cache, other = KVCache(layout, DEVICE), KVCache(layout, DEVICE)
+    cache.storage.copy_(
+        torch.randn(cache.storage.shape, generator=torch.Generator().manual_seed(5))
+    )
+    ids = torch.tensor(_IDS, device=DEVICE)
+    gathered = ops.gather_blocks(cache.tensor, ids)
+    assert torch.equal(gathered, cache.tensor.index_select(2, ids))
+    ops.scatter_blocks(other.tensor, ids, gathered)
+    assert torch.equal(other.tensor.index_select(2, ids), gathered)
+    k, v = cache.layer(1)
+    assert not k.is_contiguous()
+    q = torch.randn(2, 6, 32, device=DEVICE)
+    tables = torch.tensor([[3, 5, 0], [7, 1, 2]], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([20, 40], dtype=torch.int32, device=DEVICE)
+    out = ops.paged_decode_attention(q, k, v, tables, lens, 32**-0.5)
+    ref = ops.reference_paged_decode_attention(q, k, v, tables, lens, 32**-0.5)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 

@@ -91,6 +91,9 @@ def test_geometry_round_trip_and_block_bytes() -> None:
     assert g.transfer_compatible(geometry(num_blocks=4))
     assert not g.transfer_compatible(geometry(block_size=32))
     assert not g.transfer_compatible(geometry(dtype="float16"))
+    assert not g.transfer_compatible(geometry(order="page_first"))
+    legacy = {k: v for k, v in geometry(order="layer_first").to_dict().items() if k != "order"}
+    assert BlockGeometry.from_dict(legacy) == geometry(order="layer_first")
 
 
 def test_unknown_role_is_rejected() -> None:
