@@ -157,20 +157,7 @@ def plan_frames(
     if page_first and not pages:
         segments = []  # one layer of a page-first run is strided: nothing goes in place
     num_staged = num_blocks - sum(b - a for a, b in segments)
-    # ``chunk_bytes`` bounds a frame's staged payload (its staging memory); direct pieces
-    # need none, and bigger frames let the receiver post more pieces ahead (a piece the
-    # sender posts first costs gloo a notification round trip), so a frame of whole
-    # layers may carry up to DIRECT_FRAME_FACTOR times more when few of its blocks are
-    # staged. Measured for a contiguous 256 MiB transfer on the 2-core dev VM, factor
-    # 1 / 2 / 4: 114 / 83 / 80 ms, sender abort() 6 / 15 / 31 ms (it waits for the
-    # pieces in flight). Frames that split a layer keep ``chunk_bytes``.
-    frame_bytes = chunk_bytes
-    if num_staged * DIRECT_FRAME_FACTOR < num_blocks:
-        frame_bytes = DIRECT_FRAME_FACTOR * chunk_bytes
-    elif num_staged < num_blocks:
-        frame_bytes = chunk_bytes * num_blocks // num_staged
-    if not pages and num_blocks * layer_block_bytes > frame_bytes:
-        frame_bytes = chunk_bytes
+    frame_bytes = _frame_bytes(num_blocks, num_staged, layer_block_bytes, chunk_bytes, pages)
     # The ramp shortens the pack at the start and the landing at the end of a pipeline;
     # a transfer that stages nothing has neither, and every extra frame costs a header.
     chunks = plan_chunks(
@@ -204,6 +191,35 @@ def plan_frames(
             split[span] = (tuple(staged), tuple(pieces))
         frames.append(Frame(chunk, *split[span], pages=pages))
     return tuple(frames)
+
+
+def _frame_bytes(
+    num_blocks: int, num_staged: int, layer_block_bytes: int, chunk_bytes: int, pages: bool
+) -> int:
+    """How big a frame may be.
+
+    ``chunk_bytes`` bounds a frame's staged payload (its staging memory); direct pieces
+    need none, and bigger frames let the receiver post more pieces ahead (a piece the
+    sender posts first costs gloo a notification round trip), so a frame may carry up to
+    DIRECT_FRAME_FACTOR times more when few of its blocks are staged. Measured for a
+    contiguous 256 MiB transfer on the 2-core dev VM, factor 1 / 2 / 4: 114 / 83 / 80 ms,
+    sender abort() 6 / 15 / 31 ms (it waits for the pieces in flight).
+
+    A frame of whole layers stages its share of the staged positions, so the bound holds
+    for frames up to ``num_blocks / num_staged`` times ``chunk_bytes``; frames that split a
+    layer keep ``chunk_bytes``. Whole-pages frames cut positions, so the staged ones may
+    all fall into one frame: they grow only when nothing is staged.
+    """
+    if pages:
+        return chunk_bytes if num_staged else DIRECT_FRAME_FACTOR * chunk_bytes
+    frame_bytes = chunk_bytes
+    if num_staged * DIRECT_FRAME_FACTOR < num_blocks:
+        frame_bytes = DIRECT_FRAME_FACTOR * chunk_bytes
+    elif num_staged < num_blocks:
+        frame_bytes = chunk_bytes * num_blocks // num_staged
+    if num_blocks * layer_block_bytes > frame_bytes:
+        frame_bytes = chunk_bytes
+    return frame_bytes
 
 
 def post_limit(plan: Sequence[Frame], landed: int, depth: int) -> int:
