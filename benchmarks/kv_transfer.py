@@ -2,11 +2,12 @@
 
 Two processes on loopback (``benchmarks/_kv_pair.py``): this one is the prefill side, a
 spawned peer the decode side, with one ``TorchDistSender`` / ``TorchDistReceiver`` per KV
-cache memory order — ``page_first`` (the engines' default) and ``layer_first``
-(``engine/kv_cache.py``) — each over its own cache. All caches have the default model's
-KV geometry (SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks,
-720 KiB per block, 12 KiB of K or V per block and layer) and 1024 blocks; each process
-runs one torch thread, like workers on the 2-core local cluster.
+cache memory order — ``layer_first`` (the engines' default, built for layer-wise sends)
+and ``page_first`` (built for whole-request sends; ``engine/kv_cache.py``) — each over its
+own cache. All caches have the default model's KV geometry (SmolLM2-135M: 30 layers, 3 KV
+heads, head_dim 64, fp32, 16-token blocks, 720 KiB per block, 12 KiB of K or V per block
+and layer) and 1024 blocks; each process runs one torch thread, like workers on the 2-core
+local cluster.
 
 Bandwidth, per size (1, 16, 64, 256 MiB of KV rounded to whole blocks, and the KV of a
 128-, 1k- and 4k-token prompt), whole-mode transfers, measured in the same run and
@@ -20,7 +21,8 @@ interleaved rep by rep (every order and id kind, then gloo):
   warmed up by ``WARMUP`` requests (``benchmarks/_block_ids.py``). Page-first caches send
   each segment (stretch that is one run on both sides) as one message; layer-first ones
   send a long segment as 2 × 30 messages and stage short ones. **The 80 % goal is judged
-  on this case, page-first.**
+  on this case with page-first caches**: the order to run whole-request transfers with
+  (``kv_cache_order: page_first``); the layer-first default is for layer-wise ones.
 * ``contiguous``, ``scattered``  the same with one run on each side, or with both sides'
   ids a random permutation (no two neighbours adjacent: page-first sends every block as
   its own message, layer-first gathers, stages and scatters them all). Shown, not judged.

@@ -23,13 +23,13 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_gib: float = 1.0
-    # How the cache's memory is ordered (engine/kv_cache.py). "page_first" sends a
-    # whole-request KV transfer as one message per run of blocks, scattered blocks
-    # included, and stages layer-wise ones; "layer_first" sends a layer-wise transfer's
-    # long runs in place but a whole one as 2 x layers messages per run and its short runs
-    # through staging (benchmarks/kv_transfer.py has both). Both ends of a transfer must
-    # use the same order: the KV handshake refuses a mismatch.
-    kv_cache_order: str = "page_first"
+    # How the cache's memory is ordered (engine/kv_cache.py). "layer_first" sends a
+    # layer-wise KV transfer's runs in place (the workers' default mode, and the faster
+    # order end to end there: benchmarks/disagg_vs_colocated.py); "page_first" sends a
+    # whole-request transfer as one message per run of blocks, scattered blocks included,
+    # but stages layer-wise ones (benchmarks/kv_transfer.py has both). Both ends of a
+    # transfer must use the same order: the KV handshake refuses a mismatch.
+    kv_cache_order: str = "layer_first"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 64  # running batch cap
     max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)

@@ -48,7 +48,7 @@ class KVLayout:
     block_size: int
     num_blocks: int
     dtype: str = "float32"
-    # "layer_first" (the logical order) or "page_first"; engines default to page-first
+    # "layer_first" (the logical order, the default) or "page_first"
     # (EngineConfig.kv_cache_order). See the module docstring.
     order: str = "layer_first"
 

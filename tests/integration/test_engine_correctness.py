@@ -49,12 +49,12 @@ def test_greedy_matches_hf_generate(llm: LLM) -> None:
         assert output.prompt_tokens == len(prompt)
 
 
-def test_layer_first_cache_matches_hf_generate(llm: LLM) -> None:
-    """Engines default to a page-first cache (the ``llm`` fixture: strided layer views,
-    slots of ``row_stride``); the layer-first one computes what HF does too: chunked
+def test_page_first_cache_matches_hf_generate(llm: LLM) -> None:
+    """Engines default to a layer-first cache (the ``llm`` fixture); a page-first one
+    (strided layer views, slots of ``row_stride``) computes what HF does too: chunked
     prefill (128-token steps), batched decode, and a cached prefix."""
-    assert llm.engine.layout.order == "page_first"
-    other = LLM(num_kv_blocks=256, max_num_batched_tokens=128, kv_cache_order="layer_first")
+    assert llm.engine.layout.order == "layer_first"
+    other = LLM(num_kv_blocks=256, max_num_batched_tokens=128, kv_cache_order="page_first")
     prefix = long_prompt(llm)[:200]
     first = [llm.engine.encode(p) for p in PROMPTS[:3]] + [prefix + llm.engine.encode(" Why?")]
     second = prefix + llm.engine.encode(" Which box is blue?")
