@@ -387,6 +387,7 @@ def test_receiver_abort_with_pieces_in_flight_never_writes_after_release(order: 
     sender = TorchDistSender(cache, "m", WIDE_CONFIG)
     dst = tuple(range(80, 144))
     ids = torch.tensor(dst)
+    outcomes = set()
     try:
         for attempt in range(6):
             rt = receiver.expect(RecvSpec(f"a{attempt}", dst), lambda _: None)
@@ -398,11 +399,12 @@ def test_receiver_abort_with_pieces_in_flight_never_writes_after_release(order: 
                 time.sleep(0.0002)
             time.sleep(0.001 * attempt)  # the pieces of the first frames are on the wire
             rt.abort("decode gave up")  # returns after release ran
-            assert rt.state is TransferState.FAILED
+            outcomes.add(rt.state)  # DONE if all 16 MiB landed within those few ms
             after_release = receiver.cache.gather(ids)
             time.sleep(0.1)  # whatever was still coming has arrived (into scratch)
             assert torch.equal(receiver.cache.gather(ids), after_release), "written after release"
-            assert st.wait(SETTLE) is TransferState.FAILED
+            assert st.wait(SETTLE) is rt.state
+        assert TransferState.FAILED in outcomes
         # and the pair still works, bit-exact
         rt = receiver.expect(RecvSpec("after", dst), lambda _: None)
         st = sender.send(SendSpec("after", receiver.address, tuple(range(64))), lambda _: None)
