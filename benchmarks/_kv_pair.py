@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-import socket
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing.connection import Connection
 
 import torch
@@ -26,6 +24,7 @@ from benchmarks._block_ids import DecodeSide, PrefillSide, contiguous_ids, scatt
 from common.env import apply_offline_defaults
 from engine.kv_cache import ORDERS, KVCache, KVLayout
 from kv_transfer.receiver import TorchDistReceiver
+from kv_transfer.rendezvous import connect_store, new_pair_group, start_store
 from kv_transfer.sender import TorchDistSender
 from kv_transfer.types import PeerAddress, RecvSpec, SendSpec, TransferConfig, TransferState
 
@@ -34,6 +33,8 @@ GEOMETRY = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 1
 BLOCK_BYTES = KVLayout(**GEOMETRY, num_blocks=1).bytes_per_block
 CACHE_BLOCKS = 1024  # per side and order: 720 MiB of KV
 WARMUP = 1000  # requests (1-64 blocks) through each side's allocator before any draw
+HOST = "127.0.0.1"
+TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,27 +48,8 @@ def new_cache(order: str) -> KVCache:
 
 
 def _raw_pair(store: dist.Store, rank: int) -> dist.ProcessGroup:
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = timedelta(seconds=60)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    return dist.ProcessGroupGloo(dist.PrefixStore("raw/", store), rank, 2, opts)
-
-
-def _raw_store_host() -> tuple[dist.TCPStore, int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        None,
-        True,
-        timedelta(seconds=60),
-        wait_for_workers=False,
-        master_listen_fd=sock.detach(),  # the store owns the descriptor from here on
-    )
-    return store, port
+    """A plain gloo pair on loopback, built the way the transport builds its pairs."""
+    return new_pair_group(store, 0, rank, torch.device("cpu"), HOST, TIMEOUT_S)
 
 
 def _peer(conn: Connection, config: TransferConfig) -> None:
@@ -78,7 +60,7 @@ def _peer(conn: Connection, config: TransferConfig) -> None:
         cache = new_cache(order)
         cache.tensor.fill_(1.0)  # fault the pages in before anything is timed
         receivers[order] = TorchDistReceiver(cache, MODEL, config)
-    store, port = _raw_store_host()
+    store, port = start_store(HOST, 0, TIMEOUT_S)
     conn.send(({order: str(r.address) for order, r in receivers.items()}, port))
     raw = _raw_pair(store, 0)
     ack = torch.zeros(1)
@@ -113,10 +95,7 @@ class Bench:
         self._peer = ctx.Process(target=_peer, args=(child, config), daemon=True)
         self._peer.start()
         addresses, raw_port = self.conn.recv()
-        store = dist.TCPStore(
-            "127.0.0.1", raw_port, None, False, timedelta(seconds=60), wait_for_workers=False
-        )
-        self.raw = _raw_pair(store, 1)
+        self.raw = _raw_pair(connect_store(PeerAddress(HOST, raw_port), TIMEOUT_S), 1)
         self.senders: dict[str, TorchDistSender] = {}
         self.addresses = {order: PeerAddress.parse(a) for order, a in addresses.items()}
         for order in ORDERS:

@@ -1,12 +1,13 @@
 """The free block ids, kept as extents (maximal runs of consecutive ids) so that an
 allocation comes out as few runs as the free space allows.
 
-Why runs matter: the KV cache tensor is ``(layers, 2, num_blocks, ...)``, so a run of
-consecutive block ids is one contiguous slice per layer. A KV transfer sends such a slice
-from cache to cache as it is, while scattered ids have to be gathered into a staging
-buffer and scattered again (:mod:`kv_transfer.segments`). A plain FIFO free list hands
-out ids in release order, which after a while of churn is close to random: measured with
-the engine's churn, the mean run was 20 blocks after 50 requests and 1.1 after 3000.
+Why runs matter: a run of consecutive block ids is one contiguous slice of the KV cache
+per layer (layer-first) or for all layers (page-first, :mod:`engine.kv_cache`). A KV
+transfer sends such a slice from cache to cache as it is, while scattered ids cost more
+messages or a gather into a staging buffer and a scatter (:mod:`kv_transfer.segments`).
+A plain FIFO free list hands out ids in release order, which after a while of churn is
+close to random: measured with the engine's churn, the mean run was 20 blocks after 50
+requests and 1.1 after 3000.
 
 Policy of :meth:`FreeBlocks.take`:
 

@@ -168,12 +168,9 @@ def piece_view(cache: KVCache, block_ids: tuple[int, ...], piece: Piece) -> torc
 def piece_views(cache: KVCache, block_ids: tuple[int, ...], frame: Frame) -> list[torch.Tensor]:
     """Every direct piece of ``frame`` in wire order (:meth:`Frame.pieces`), a few tensor
     calls per segment rather than per piece: they are on the hot path."""
+    if frame.pages:  # one piece per segment already
+        return [piece_view(cache, block_ids, piece) for piece in frame.pieces()]
     views: list[torch.Tensor] = []
-    if frame.pages:
-        for start, stop in frame.direct:
-            first = block_ids[start]
-            views.append(cache.storage[first : first + (stop - start)])
-        return views
     layers = slice(frame.chunk.layer_start, frame.chunk.layer_stop)
     for start, stop in frame.direct:
         first = block_ids[start]

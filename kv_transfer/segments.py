@@ -152,10 +152,12 @@ def plan_frames(
     """The frames of a transfer, from both sides' runs (:func:`long_runs`) and the caches'
     memory order (the handshake made sure both sides have the same)."""
     pages = whole_pages(page_first, mode)
-    min_blocks = run_min_blocks(direct_min_bytes, layer_block_bytes, num_layers, mode, page_first)
-    segments = [s for s in overlaps(src_runs, dst_runs) if s[1] - s[0] >= min_blocks]
-    if page_first and not pages:
-        segments = []  # one layer of a page-first run is strided: nothing goes in place
+    segments: list[Segment] = []  # layer-wise into page-first caches: nothing goes in place
+    if pages or not page_first:
+        min_blocks = run_min_blocks(
+            direct_min_bytes, layer_block_bytes, num_layers, mode, page_first
+        )
+        segments = [s for s in overlaps(src_runs, dst_runs) if s[1] - s[0] >= min_blocks]
     num_staged = num_blocks - sum(b - a for a, b in segments)
     frame_bytes = _frame_bytes(num_blocks, num_staged, layer_block_bytes, chunk_bytes, pages)
     # The ramp shortens the pack at the start and the landing at the end of a pipeline;
