@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import random
 
+from common.sampling import SamplingParams
 from engine.block_manager import RUN_EVICTION_MIN_BLOCKS, BlockManager
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kv_transfer.segments import long_runs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from common.sampling import SamplingParams
 from engine.sequence import FinishReason
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine.sampling_params import SamplingParams
+from common.sampling import SamplingParams
 from proto import worker_pb2, worker_pb2_grpc
 
 

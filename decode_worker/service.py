@@ -15,11 +15,11 @@ from typing import Any
 
 import grpc
 
+from common.sampling import SamplingParams
 from common.worker_runtime import ErrorKind, RequestError
 from decode_worker.decode import Decoder
 from decode_worker.job import DecodeJob, PrefillTarget, TokenDelta
 from engine.async_engine import EngineStopped
-from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from proto import worker_pb2, worker_pb2_grpc
 

@@ -4,8 +4,8 @@ The offline API is ``from engine import LLM, SamplingParams``; servers drive
 :class:`engine.llm_engine.LLMEngine` step by step.
 """
 
+from common.sampling import SamplingParams
 from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
 
 
 def __getattr__(name: str) -> object:

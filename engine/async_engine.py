@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from common.sampling import SamplingParams
 from engine.llm_engine import LLMEngine, StepLayerHook
 from engine.outputs import StepOutput
-from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

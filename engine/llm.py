@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import fields
 
+from common.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput
-from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

@@ -19,6 +19,7 @@ import torch
 
 from common import env
 from common.kv_events import KVEvent
+from common.sampling import SamplingParams
 from common.worker_info import BlockGeometry
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -29,7 +30,6 @@ from engine.model_loader import ModelLoadError, resolve_model
 from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 

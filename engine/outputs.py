@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sequence import FinishReason
+from common.generation import FinishReason
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from common.sampling import SamplingParams
 
 
 class Sampler:

@@ -47,10 +47,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.generation import FinishReason
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.prefill_policy import PrefillPolicy
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

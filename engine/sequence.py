@@ -11,19 +11,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from common.generation import FinishReason
+from common.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS or a stop token id
-    LENGTH = "length"  # max_tokens or the model's context length
-    ABORT = "abort"  # cancelled by the caller
 
 
 @dataclass(eq=False, slots=True)

@@ -28,10 +28,10 @@ import itertools
 import time
 from dataclasses import dataclass
 
+from common.sampling import SamplingParams
 from common.worker_runtime import ErrorKind, LatencyWindow, RequestError
 from engine.async_engine import AsyncEngine
 from engine.outputs import StepOutput
-from engine.sampling_params import SamplingParams
 from kv_transfer.types import PeerAddress, TransferState
 from prefill_worker.sends import SendPlan, SendTracker
 from prefill_worker.stats import PrefillStats

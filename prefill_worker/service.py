@@ -10,9 +10,9 @@ import time
 
 import grpc
 
+from common.sampling import SamplingParams
 from common.worker_runtime import RequestError
 from engine.async_engine import EngineStopped
-from engine.sampling_params import SamplingParams
 from prefill_worker.prefill import Prefiller, PrefillJob
 from proto import worker_pb2, worker_pb2_grpc
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from common.hashing import ROOT_HASH, block_hashes
 from common.kv_events import BlockEvicted, BlockStored
+from common.sampling import SamplingParams
 from engine.block_manager import BlockManager, DoubleFreeError, NoFreeBlocksError
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 

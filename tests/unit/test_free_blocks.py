@@ -7,9 +7,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.sampling import SamplingParams
 from engine.block_manager import RUN_EVICTION_MIN_BLOCKS, BlockManager
 from engine.free_blocks import FreeBlocks
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 

@@ -15,12 +15,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from common.generation import FinishReason
+from common.sampling import SamplingParams
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.prefill_policy import PrefillPolicy
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 
 EOS = 0
 Sampler = Callable[[Sequence], int]

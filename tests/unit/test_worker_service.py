@@ -8,11 +8,11 @@ import time
 import grpc
 import pytest
 
+from common.sampling import SamplingParams
 from common.worker_runtime import ErrorKind, LatencyWindow
 from decode_worker import service as decode_service
 from decode_worker.job import TokenDelta, Usage
 from decode_worker.prefill_client import sampling_to_proto
-from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from prefill_worker import service as prefill_service
 from proto import worker_pb2

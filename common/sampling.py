@@ -1,4 +1,7 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters, validated on construction.
+
+Torch-free: the engine samples with them, and they cross the router → decode and
+decode → prefill boundaries (see :mod:`messages`)."""
 
 from __future__ import annotations
 
