@@ -1,1 +1,1 @@
-"""Benchmarks for pdserve; `benchmarks.loadgen` is the end-to-end load generator."""
+"""pdserve benchmarks, run as modules (`python -m benchmarks.X`); nothing imports them."""

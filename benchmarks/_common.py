@@ -1,35 +1,79 @@
-"""Small helpers shared by the benchmark scripts: statistics, tables, JSON results, environment.
+"""What every benchmark module shares: its command line, statistics, tables and results.
 
-Kept generic and torch-free at import time (torch is imported lazily by
-:func:`environment_info`), so any benchmark can use it. Results land in
-``benchmarks/results/<name>.json`` unless a path is given.
+    parser = bench_parser(__doc__, quick="fewer reps")      # --quick and --out
+    args = parser.parse_args(argv)
+    context = announce()                                    # defaults, warning, environment
+    ...
+    save("kv_transfer", {**context, ...}, args)             # results/kv_transfer[_quick].json
+
+Torch-free at import time. Results land in ``benchmarks/results/<name>.json`` (``_quick``
+suffix for a ``--quick`` run) unless ``--out`` gives a path. The statistics and the
+environment block are the load generator's (:mod:`loadgen.summary`, :mod:`loadgen.machine`),
+so an end-to-end run and a micro-benchmark compute and record them the same way.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
-import math
 import os
-import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-BENCHMARKS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCHMARKS_DIR.parent
-RESULTS_DIR = BENCHMARKS_DIR / "results"
+from common.env import apply_offline_defaults
+from common.launch import REPO_ROOT
+from loadgen.machine import busy_machine_warning, environment_info
+from loadgen.summary import percentile
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 T = TypeVar("T")
 
+# --------------------------------------------------------------------------- command line
 
-def ensure_repo_on_path() -> None:
-    """Let ``python benchmarks/<script>.py`` import the project packages without installing."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+
+def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """An argument parser described by ``doc``'s first line, with the flags every
+    benchmark has: ``--quick`` (``quick`` says what it shrinks) and ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    return parser
+
+
+def use_checkout_defaults() -> None:
+    """Offline, gloo on loopback, and the checkout's model cache (``<repo>/.cache``) unless
+    ``PDSERVE_CACHE_DIR`` says otherwise, as ``make`` sets them."""
+    os.environ.setdefault("PDSERVE_CACHE_DIR", str(REPO_ROOT / ".cache"))
+    apply_offline_defaults()
+
+
+def announce() -> dict[str, Any]:
+    """The checkout's defaults, a warning if the machine is busy, and the block every
+    result JSON starts with (call it once the benchmark has set its torch threads)."""
+    use_checkout_defaults()
+    warning = busy_machine_warning()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return {"environment": environment_info(), "busy_machine_warning": warning}
+
+
+def save(name: str, payload: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Write ``payload`` to ``--out`` or ``results/<name>[_quick].json``; print the path."""
+    quick = bool(getattr(args, "quick", False))
+    target = args.out or RESULTS_DIR / f"{name}{'_quick' if quick else ''}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    document = {"benchmark": name, "quick": quick, **payload}
+    target.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"\nwrote {target}")
+    return target
 
 
 # --------------------------------------------------------------------------- statistics
@@ -41,28 +85,28 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"q must be in [0, 100], got {q}")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """min / median / p90 / max / mean of a sample, for JSON reports."""
+def _stats(values: Sequence[float]) -> dict[str, float]:
     return {
-        "n": len(values),
-        "min": float(min(values)),
-        "median": median(values),
+        "p50": percentile(values, 50),
         "p90": percentile(values, 90),
-        "max": float(max(values)),
-        "mean": float(statistics.fmean(values)),
+        "p99": percentile(values, 99),
+        "mean": sum(values) / len(values),
+        "max": max(values),
     }
+
+
+def round_stats(values: Sequence[float], rounds: int) -> dict[str, Any]:
+    """Percentiles of each of ``rounds`` consecutive slices, then the median across them
+    (top level), so one burst of load from another process does not decide the result;
+    ``rounds_p99`` keeps each slice's p99 and ``all`` the percentiles of every sample."""
+    size = len(values) // rounds
+    per_round = [_stats(values[i * size : (i + 1) * size]) for i in range(rounds)]
+    merged: dict[str, Any] = {
+        key: statistics.median(r[key] for r in per_round) for key in ("p50", "p90", "p99", "mean")
+    }
+    merged["rounds_p99"] = [r["p99"] for r in per_round]
+    merged["all"] = _stats(values)
+    return merged
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -112,63 +156,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def utc_timestamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def write_json(payload: dict[str, Any], name: str, path: str | Path | None = None) -> Path:
-    """Write ``payload`` to ``path`` or ``benchmarks/results/<name>.json``; return the path."""
-    target = Path(path) if path is not None else RESULTS_DIR / f"{name}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    return target
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
+@contextlib.contextmanager
+def log_directory(path: str | Path | None, keep: bool = False) -> Iterator[Path]:
+    """Where child processes log: ``path`` if given (kept); else a temp dir removed on
+    success unless ``keep``, and kept when the block raises, so the logs can be read."""
+    if path is not None:
+        target = Path(path)
+        target.mkdir(parents=True, exist_ok=True)
+        yield target
+        return
+    target = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def busy_machine_warning(max_load_per_cpu: float = 0.5) -> str | None:
-    """A warning if other processes keep the CPUs busy (timings will be noisy)."""
-    if not hasattr(os, "getloadavg"):
-        return None
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load <= max_load_per_cpu * cpus:
-        return None
-    return f"warning: 1-min load average {load:.1f} on {cpus} CPUs; timings will be noisy"
-
-
-def environment_info() -> dict[str, Any]:
-    """Where the numbers came from: versions, CPU, threads, load at the time of the run."""
-    info: dict[str, Any] = {
-        "timestamp": utc_timestamp(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["cuda"] = torch.cuda.is_available()
-    except ImportError:
-        pass
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
+        yield target
+    except BaseException:
+        print(f"process logs kept in {target}", file=sys.stderr)
+        raise
+    if keep:
+        print(f"process logs kept in {target}")
+    else:
+        shutil.rmtree(target, ignore_errors=True)

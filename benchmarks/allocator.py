@@ -17,22 +17,17 @@ the workers do (``benchmarks/_block_ids.py``), for the same requests in the same
   the mean run of each reservation.
 
 Measured after a warm-up of ``--requests`` requests, over the next ``--requests``.
-Run: ``python benchmarks/allocator.py [--requests N] [--blocks N] [--out PATH]``.
-Results: ``benchmarks/results/allocator.json``.
+Run: ``python -m benchmarks.allocator [--quick] [--requests N] [--blocks N] [--out PATH]``
+(``make bench-alloc``). Results: ``benchmarks/results/allocator.json`` (``_quick`` suffix).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks._block_ids import DecodeSide, PrefillSide, mean_run, run_count
-from benchmarks._common import environment_info, print_table, write_json
+from benchmarks._common import announce, bench_parser, print_table, save
 from engine.block_manager import RUN_EVICTION_MIN_BLOCKS
 
 NO_WINDOW = 1 << 30  # run_eviction_min_blocks that no allocation reaches: strict LRU
@@ -63,12 +58,13 @@ def decode_side(blocks: int, requests: int) -> dict[str, Any]:
     return {"mean_run_blocks": mean_run([side.draw(sizes.randint(1, 64)) for _ in range(requests)])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=3000, help="warm-up, then measured")
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__, quick="300 requests instead of 3000")
+    parser.add_argument("--requests", type=int, default=None, help="warm-up, then measured")
     parser.add_argument("--blocks", type=int, default=1024, help="cache size in blocks")
-    parser.add_argument("--out", default=None, help="JSON path")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.requests = args.requests or (300 if args.quick else 3000)
+    context = announce()
 
     window = prefill_side(args.blocks, args.requests, RUN_EVICTION_MIN_BLOCKS)
     strict = prefill_side(args.blocks, args.requests, NO_WINDOW)
@@ -92,8 +88,7 @@ def main() -> None:
     )
     print(f"decode side: mean run of a reservation {decode['mean_run_blocks']:.1f} blocks")
     payload = {
-        "benchmark": "allocator",
-        "environment": environment_info(),
+        **context,
         "blocks": args.blocks,
         "requests": args.requests,
         "run_eviction_min_blocks": RUN_EVICTION_MIN_BLOCKS,
@@ -101,7 +96,7 @@ def main() -> None:
         "prefill_strict_lru": strict,
         "decode": decode,
     }
-    print(f"wrote {write_json(payload, 'allocator', args.out)}")
+    save("allocator", payload, args)
 
 
 if __name__ == "__main__":

@@ -40,258 +40,32 @@ box. ``segs`` is the median number of segments of the realistic transfers; the J
 has the mean run length of their source and destination ids.
 
 How long the engine's runs stay under churn, and what that costs in prefix hits, is
-``benchmarks/allocator.py``.
+``python -m benchmarks.allocator``.
 
-Layer-wise overlap, 1k-token prompt, realistic ids, per order: a per-layer compute proxy
-with SmolLM2's shapes (RMSNorm, q/k/v/o projections, causal SDPA with 9 query / 3 KV
-heads, SiLU MLP 576→1536) computes each layer and writes its K/V into the source blocks,
-then marks the layer ready. The exposed transfer time is what is left after the last
-layer is computed (until the receiver has landed everything); ``hidden = 1 - exposed /
-whole-transfer time`` (that order's realistic whole transfer). Goal: hidden >= 70 %.
+Layer-wise overlap, 1k-token prompt, realistic ids, per order (:mod:`benchmarks._kv_overlap`):
+the share of the transfer hidden behind a per-layer compute proxy. Goal: hidden >= 70 %.
 
-Run: ``python benchmarks/kv_transfer.py [--quick] [--chunk-mib N] [--depth N]
-[--direct-kib N] [--out PATH]``. Results: ``benchmarks/results/kv_transfer.json``.
+Run: ``python -m benchmarks.kv_transfer [--quick] [--chunk-mib N] [--depth N]
+[--direct-kib N] [--out PATH]`` (``make bench-kv``). Results:
+``benchmarks/results/kv_transfer.json`` (``_quick`` suffix). The bandwidth cases are
+:mod:`benchmarks._kv_bandwidth`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
-import torch.nn.functional as F
 
-from benchmarks._block_ids import mean_run
-from benchmarks._common import (
-    busy_machine_warning,
-    environment_info,
-    median,
-    print_table,
-    write_json,
-)
-from benchmarks._kv_pair import (
-    BLOCK_BYTES,
-    CACHE_BLOCKS,
-    GEOMETRY,
-    WARMUP,
-    Bench,
-    Sample,
-)
-from common.env import apply_offline_defaults
-from engine.kv_cache import ORDERS, KVCache
-from kv_transfer.packing import Staging, layer_block_bytes, pack_staged, staged_ids, unpack_staged
-from kv_transfer.segments import direct_blocks, long_runs, overlaps, plan_frames
-from kv_transfer.types import SendSpec, TransferConfig, TransferMode, TransferState
+from benchmarks._common import announce, bench_parser, print_table, save, use_checkout_defaults
+from benchmarks._kv_bandwidth import IDS, MIB, bandwidth, cases
+from benchmarks._kv_overlap import overlap
+from benchmarks._kv_pair import BLOCK_BYTES, CACHE_BLOCKS, WARMUP, Bench
+from engine.kv_cache import ORDERS
+from kv_transfer.types import TransferConfig
 
-MIB = 1 << 20
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 576, 9, 3, 64, 1536  # SmolLM2-135M
-IDS = ("contiguous", "realistic", "scattered")
 JUDGED = "page_first"  # the order whose realistic column the 80 % goal is judged on
-
-
-@dataclass(frozen=True)
-class Case:
-    label: str
-    blocks: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.blocks * BLOCK_BYTES
-
-
-def cases() -> list[Case]:
-    sizes = [Case(f"{m} MiB", max(1, round(m * MIB / BLOCK_BYTES))) for m in (1, 16, 64, 256)]
-    prompts = [Case(f"{t}-token prompt", -(-t // 16)) for t in (128, 1024, 4096)]
-    return sizes + prompts
-
-
-# --------------------------------------------------------------------------- block ids
-
-
-def segments(src: tuple[int, ...], dst: tuple[int, ...]) -> int:
-    """Stretches that are one run on both sides (direct pieces if long enough)."""
-    return len(overlaps(long_runs(src, 1, len(src)), long_runs(dst, 1, len(dst))))
-
-
-# --------------------------------------------------------------------------- measurements
-
-
-def memcpy(nbytes: int, reps: int) -> float:
-    src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    dst.copy_(src)  # first touch
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
-def pack_land(bench: Bench, n: int, reps: int) -> float:
-    """Seconds to gather and scatter ``n`` scattered blocks frame by frame on one thread,
-    no wire: the CPU the staged path adds on top of gloo's own (layer-first cache)."""
-    sender = bench.senders["layer_first"]
-    cache, config = sender.cache, sender.config
-    src, dst = bench.ids("scattered", n)
-    lbb = layer_block_bytes(cache.layout)
-    min_blocks = direct_blocks(config.direct_min_bytes, lbb)
-    plan = plan_frames(
-        n,
-        cache.layout.num_layers,
-        lbb,
-        TransferMode.WHOLE,
-        config.chunk_bytes,
-        config.direct_min_bytes,
-        long_runs(src, min_blocks, n),
-        long_runs(dst, min_blocks, n),
-    )
-    staging = Staging(cache.device)
-    index = [(staged_ids(src, f, cache.device), staged_ids(dst, f, cache.device)) for f in plan]
-    times = []
-    for _ in range(reps + 1):  # the first run grows the frames
-        start = time.perf_counter()
-        for frame, (src_idx, dst_idx) in zip(plan, index, strict=True):
-            buf = staging.frame(0, frame.staged_bytes(lbb))
-            pack_staged(cache, src_idx, frame, buf)
-            unpack_staged(cache, dst_idx, frame, buf)  # into other blocks of the same cache
-        times.append(time.perf_counter() - start)
-    return median(times[1:])
-
-
-def bandwidth(bench: Bench, reps_for: dict[int, int]) -> list[dict[str, Any]]:
-    rows = []
-    for case in cases():
-        reps = reps_for[case.nbytes]
-        buf = torch.ones(case.nbytes // 4)
-        for kind in IDS:  # warm-up: staging frames, pages, pairs
-            for order in ORDERS:
-                bench.ours(order, *bench.ids(kind, case.blocks))
-        bench.gloo(case.nbytes, buf)
-        ours: dict[tuple[str, str], list[Sample]] = {(o, k): [] for o in ORDERS for k in IDS}
-        gloo: list[Sample] = []
-        # Drawn up front: replaying the allocator's churn is a CPU burst of its own.
-        draws = [{kind: bench.ids(kind, case.blocks) for kind in IDS} for _ in range(reps)]
-        segs = [segments(*ids["realistic"]) for ids in draws]
-        for ids in draws:  # interleaved, so a burst of load hits all alike
-            for kind in IDS:
-                for order in ORDERS:
-                    ours[order, kind].append(bench.ours(order, *ids[kind]))
-            gloo.append(bench.gloo(case.nbytes, buf))
-        gloo_s = median([x.wall_s for x in gloo])
-        row: dict[str, Any] = {
-            "case": case.label,
-            "blocks": case.blocks,
-            "mib": case.nbytes / MIB,
-            "segments": median(segs),
-            "realistic_src_mean_run": mean_run([ids["realistic"][0] for ids in draws]),
-            "realistic_dst_mean_run": mean_run([ids["realistic"][1] for ids in draws]),
-            "gloo_s": gloo_s,
-            "gloo_gbps": case.nbytes / gloo_s / 1e9,
-            "gloo_cpu_s": median([x.cpu_s for x in gloo]),
-            "gloo_all_s": [x.wall_s for x in gloo],
-            "memcpy_gbps": case.nbytes / memcpy(case.nbytes, reps) / 1e9,
-            "pack_land_s": pack_land(bench, case.blocks, reps),
-            "reps": reps,
-        }
-        for (order, kind), samples in ours.items():
-            wall = median([x.wall_s for x in samples])
-            key = f"{order}_{kind}"
-            row[f"{key}_s"] = wall
-            row[f"{key}_gbps"] = case.nbytes / wall / 1e9
-            row[f"{key}_vs_gloo"] = gloo_s / wall
-            row[f"{key}_cpu_s"] = median([x.cpu_s for x in samples])
-            row[f"{key}_all_s"] = [x.wall_s for x in samples]
-        rows.append(row)
-        print(
-            f"  {case.label:>17}: gloo {row['gloo_gbps']:.2f} GB/s, memcpy "
-            f"{row['memcpy_gbps']:.2f}; realistic ({row['segments']:g} segments) "
-            + ", ".join(f"{o} {100 * row[f'{o}_realistic_vs_gloo']:.0f}%" for o in ORDERS)
-            + " of gloo",
-            flush=True,
-        )
-    return rows
-
-
-class LayerProxy:
-    """One Llama decoder layer of SmolLM2's shapes (shared weights; same FLOPs per layer)."""
-
-    def __init__(self, tokens: int) -> None:
-        g = torch.Generator().manual_seed(1)
-
-        def w(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=g) * 0.02
-
-        self.q, self.kv = w(HIDDEN, HIDDEN), w(2 * KV_HEADS * HEAD_DIM, HIDDEN)
-        self.o = w(HIDDEN, HIDDEN)
-        self.gate_up, self.down = w(2 * INTERMEDIATE, HIDDEN), w(HIDDEN, INTERMEDIATE)
-        self.x = torch.randn(tokens, HIDDEN, generator=g)
-        self.tokens = tokens
-
-    def __call__(self, cache: KVCache, layer: int, block_ids: torch.Tensor) -> None:
-        t, hd = self.tokens, HEAD_DIM
-        h = F.rms_norm(self.x, (HIDDEN,))
-        q = (h @ self.q.T).view(t, HEADS, hd).transpose(0, 1)
-        k, v = (h @ self.kv.T).view(t, 2, KV_HEADS, hd).unbind(1)
-        attn = F.scaled_dot_product_attention(
-            q, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
-        )
-        h = self.x + attn.transpose(0, 1).reshape(t, HIDDEN) @ self.o.T
-        gate, up = (F.rms_norm(h, (HIDDEN,)) @ self.gate_up.T).chunk(2, dim=-1)
-        _ = h + (F.silu(gate) * up) @ self.down.T
-        # The layer's K and V land in the prompt's blocks, as the model runner would do.
-        bs = GEOMETRY["block_size"]
-        padded = block_ids.numel() * bs
-        kv = torch.zeros(2, padded, KV_HEADS, hd)
-        kv[0, :t], kv[1, :t] = k, v
-        cache.scatter(block_ids, kv.view(2, -1, bs, KV_HEADS, hd), layer=layer)
-
-
-def overlap(bench: Bench, order: str, whole_s: float, runs: int) -> dict[str, Any]:
-    tokens = 1024
-    n = -(-tokens // GEOMETRY["block_size"])
-    proxy = LayerProxy(tokens)
-    sender = bench.senders[order]
-    layers = GEOMETRY["num_layers"]
-    compute_only, exposed, compute_with = [], [], []
-    for _ in range(runs):
-        src, dst = bench.ids("realistic", n)
-        ids = torch.tensor(src)
-        start = time.perf_counter()
-        for layer in range(layers):
-            proxy(sender.cache, layer, ids)
-        compute_only.append(time.perf_counter() - start)
-
-        tid, _ = bench.expect(order, dst)
-        spec = SendSpec(tid, bench.addresses[order], src, TransferMode.LAYERWISE)
-        start = time.perf_counter()
-        transfer = sender.send(spec, lambda _: None)
-        for layer in range(layers):
-            proxy(sender.cache, layer, ids)
-            transfer.mark_layer_ready(layer)
-        computed = time.perf_counter()
-        if transfer.wait(120) is not TransferState.DONE:
-            raise RuntimeError(f"layer-wise transfer failed: {transfer.error}")
-        exposed.append(time.perf_counter() - computed)
-        compute_with.append(computed - start)
-    result = {
-        "order": order,
-        "tokens": tokens,
-        "kv_mib": n * BLOCK_BYTES / MIB,
-        "compute_s": median(compute_only),
-        "compute_with_transfer_s": median(compute_with),
-        "whole_transfer_s": whole_s,
-        "exposed_s": median(exposed),
-        "runs": runs,
-    }
-    result["hidden"] = 1 - result["exposed_s"] / whole_s
-    result["compute_slowdown"] = result["compute_with_transfer_s"] / result["compute_s"] - 1
-    return result
 
 
 # --------------------------------------------------------------------------- report
@@ -356,17 +130,15 @@ def report(rows: list[dict[str, Any]], lws: dict[str, dict[str, Any]]) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer reps, one overlap run")
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__, quick="fewer reps, one overlap run")
     parser.add_argument("--chunk-mib", type=float, default=None, help="frame payload size")
     parser.add_argument("--depth", type=int, default=None, help="frames in flight per pair")
     parser.add_argument(
         "--direct-kib", type=float, default=None, help="smallest piece sent in place"
     )
-    parser.add_argument("--out", default=None, help="JSON path")
-    args = parser.parse_args()
-    apply_offline_defaults()
+    args = parser.parse_args(argv)
+    use_checkout_defaults()
     torch.set_num_threads(1)
 
     defaults = TransferConfig()
@@ -380,9 +152,7 @@ def main() -> None:
             else defaults.direct_min_bytes
         ),
     )
-    warning = busy_machine_warning()
-    if warning:
-        print(warning, flush=True)
+    context = announce()
     bench = Bench(config)
 
     # Medians of enough reps that one burst of load on the shared 2-core box cannot move
@@ -407,10 +177,7 @@ def main() -> None:
     goals = report(rows, lws)
     bench.close()
     payload = {
-        "benchmark": "kv_transfer",
-        "environment": environment_info(),
-        "busy_machine_warning": warning,
-        "quick": args.quick,
+        **context,
         "chunk_bytes": config.chunk_bytes,
         "pipeline_depth": config.pipeline_depth,
         "direct_min_bytes": config.direct_min_bytes,
@@ -422,8 +189,9 @@ def main() -> None:
         "layerwise": lws,
         "goals": goals,
     }
-    print(f"wrote {write_json(payload, 'kv_transfer', args.out)}")
+    save("kv_transfer", payload, args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

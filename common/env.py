@@ -17,6 +17,11 @@ _OFFLINE_DEFAULTS = {
 }
 
 
+def offline_defaults() -> dict[str, str]:
+    """The offline / loopback settings, for a child process's environment."""
+    return dict(_OFFLINE_DEFAULTS)
+
+
 def apply_offline_defaults() -> None:
     """Set offline / loopback defaults without overriding explicit settings."""
     for key, value in _OFFLINE_DEFAULTS.items():

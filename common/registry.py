@@ -23,7 +23,7 @@ groups, which would hand each event to only one router.
 Worker lifecycle: ``register`` (info + index + a ``clear`` marker, since a freshly started
 worker's cache is empty) → ``heartbeat`` every ``interval_s`` (refresh TTL, publish load) →
 ``deregister`` (delete keys + ``clear`` marker) or death (keys expire).
-:class:`common.heartbeat.Heartbeat` runs that loop for a worker. Streams are trimmed, so a
+:class:`worker.heartbeat.Heartbeat` runs that loop for a worker. Streams are trimmed, so a
 router that falls further behind than ``kv_stream_maxlen`` entries, or starts late, has an
 incomplete prefix index: that costs cache hits, never correctness, because workers check
 their own caches.

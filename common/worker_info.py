@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from common.kv_compat import LAYER_FIRST, KVCompat
+
 # Element sizes of the KV cache dtypes the engine supports, for capacity arithmetic.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
@@ -34,17 +36,13 @@ class WorkerRole(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class BlockGeometry:
-    """Shape of one worker's paged KV cache."""
+class BlockGeometry(KVCompat):
+    """Shape of one worker's paged KV cache: its KV compatibility plus its capacity.
 
-    model: str  # model name; blocks only make sense between workers of the same model
-    dtype: str  # KV cache dtype name, e.g. "float32"
-    block_size: int  # tokens per block; also the unit of prefix hashing
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    Two workers can exchange blocks iff ``a.mismatch(b) is None`` (capacity may differ):
+    the same check the KV handshake makes."""
+
     num_blocks: int  # capacity of this worker's cache (may differ between workers)
-    order: str = "layer_first"  # the cache's memory order (engine.kv_cache); KV peers agree
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_BYTES:
@@ -61,22 +59,6 @@ class BlockGeometry:
         per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim
         return per_token * self.block_size * _DTYPE_BYTES[self.dtype]
 
-    def transfer_compatible(self, other: BlockGeometry) -> bool:
-        """Whether blocks can move between the two caches as-is (capacity may differ)."""
-        return self._shape() == other._shape()
-
-    def _shape(self) -> tuple[Any, ...]:
-        """Everything but the capacity."""
-        return (
-            self.model,
-            self.dtype,
-            self.block_size,
-            self.num_layers,
-            self.num_kv_heads,
-            self.head_dim,
-            self.order,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -92,7 +74,7 @@ class BlockGeometry:
             head_dim=d.integer("head_dim"),
             num_blocks=d.integer("num_blocks"),
             # absent from registrations of workers older than the page-first order
-            order=d.string("order") if "order" in data else "layer_first",
+            order=d.string("order") if "order" in data else LAYER_FIRST,
         )
 
     def to_json(self) -> str:

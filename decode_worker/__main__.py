@@ -1,6 +1,6 @@
 """``python -m decode_worker``: run a decode worker, or a colocated one (``--colocated``).
 
-Flags override the YAML file given with ``--config`` (see :mod:`common.worker_config` for
+Flags override the YAML file given with ``--config`` (see :mod:`worker.config` for
 its layout). Prints one ready line on stdout once it serves and is registered::
 
     decode worker <id> serving gRPC on 127.0.0.1:PORT kv 127.0.0.1:PORT metrics 127.0.0.1:PORT
@@ -15,9 +15,10 @@ import argparse
 import sys
 
 from common import env
-from common.worker_config import build_parser, parse_config
 from common.worker_info import WorkerRole
-from common.worker_runtime import AppType, run_worker
+from worker.app import AppType
+from worker.config import build_parser, parse_config
+from worker.runtime import run_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _app_type() -> AppType:
-    from decode_worker.worker import DecodeApp  # torch: after argument errors are reported
+    from decode_worker.wiring import build_decode_app  # torch: after argument errors are reported
 
-    return DecodeApp
+    return build_decode_app
 
 
 if __name__ == "__main__":

@@ -56,10 +56,6 @@ class Admission:
     def depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def queued_blocks(self) -> int:
-        return sum(r.num_blocks for r in self._queue)
-
     async def reserve(self, num_blocks: int) -> Reservation:
         """Wait (FIFO) until ``num_blocks`` are reserved; cancel it to give up."""
         reservation = Reservation(num_blocks)

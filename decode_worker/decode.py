@@ -30,18 +30,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from common.worker_config import PrefillFailurePolicy
-from common.worker_runtime import ErrorKind, RequestError
+from common.errors import ErrorCode, RequestError, invalid
+from common.generation import FinishReason, Usage
 from decode_worker.admission import Admission, Reservation
-from decode_worker.job import DecodeJob, TokenDelta, Usage
-from decode_worker.prefill_client import PrefillCall, PrefillClient, PrefillFailed, PrefillOutcome
+from decode_worker.prefill_client import PrefillClient, PrefillFailed
 from decode_worker.stats import DecodeStats
 from engine.async_engine import AsyncEngine
 from engine.outputs import StepOutput
-from engine.sequence import FinishReason
 from kv_transfer.interfaces import KVReceiver
 from kv_transfer.transfer import Transfer
 from kv_transfer.types import RecvSpec, TransferState
+from messages.decode import DecodeJob, TokenDelta
+from messages.prefill import PrefillJob, PrefillResult
+from worker.config import PrefillFailurePolicy
 
 LOCAL = "local"  # ``prefilled_by`` of a request prefilled on this worker
 
@@ -82,19 +83,19 @@ class Decoder:
 
     async def run(self, job: DecodeJob) -> AsyncIterator[TokenDelta]:
         if self.draining:
-            self._stats.rejected(ErrorKind.UNAVAILABLE.value)
-            raise RequestError(ErrorKind.UNAVAILABLE, "worker is draining")
+            self._stats.rejected(ErrorCode.UNAVAILABLE)
+            raise RequestError(ErrorCode.UNAVAILABLE, "worker is draining")
         try:
             self._check(job)
         except RequestError as exc:
-            self._stats.rejected(exc.kind.value)
+            self._stats.rejected(exc.code)
             raise
         # Engine ids are ours: a client reusing a request id must not collide in the engine.
         rid = f"{job.request_id}#{next(self._ids)}"
         self.active += 1
         started = time.monotonic()
         try:
-            outcome: PrefillOutcome | None = None
+            outcome: PrefillResult | None = None
             reservation: Reservation | None = None
             if job.prefill is not None and self._receiver is not None:
                 reservation = await self._preallocate(job)
@@ -113,7 +114,7 @@ class Decoder:
                 async for delta in deltas:
                     yield delta
         except RequestError as exc:
-            self._stats.rejected(exc.kind.value)
+            self._stats.rejected(exc.code)
             raise
         finally:
             self.active -= 1
@@ -121,47 +122,47 @@ class Decoder:
     # ---- checks -----------------------------------------------------------------------
 
     def _check(self, job: DecodeJob) -> None:
-        engine = self._engine.engine  # immutable facts only: safe off the engine thread
+        engine = self._engine  # immutable facts only: safe off the engine thread
         layout = engine.layout
         ids = job.prompt
         fits_otherwise = 0 < len(ids) < engine.max_model_len and all(
-            0 <= t < engine.model_config.vocab_size for t in ids
+            0 <= t < engine.vocab_size for t in ids
         )
         if fits_otherwise and engine.blocks_for_prompt(len(ids) + 1) > layout.num_blocks:
             raise RequestError(
-                ErrorKind.RESOURCE_EXHAUSTED,
+                ErrorCode.RESOURCE_EXHAUSTED,
                 f"a prompt of {len(ids)} tokens can never fit this worker's "
                 f"{layout.num_blocks} KV blocks of {layout.block_size} tokens",
             )
         try:
             engine.validate_prompt(list(ids))
         except ValueError as exc:
-            raise RequestError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            raise invalid(str(exc)) from None
 
     # ---- prealloc -----------------------------------------------------------------------
 
     async def _preallocate(self, job: DecodeJob) -> Reservation:
-        count = self._engine.engine.blocks_for_prompt(len(job.prompt))
+        count = self._engine.blocks_for_prompt(len(job.prompt))
         try:
             async with asyncio.timeout_at(_loop_time(job.deadline)):
                 return await self._admission.reserve(count)
         except TimeoutError:
             raise RequestError(
-                ErrorKind.DEADLINE_EXCEEDED, "deadline passed waiting for KV blocks"
+                ErrorCode.DEADLINE_EXCEEDED, "deadline passed waiting for KV blocks"
             ) from None
 
     # ---- transfer -----------------------------------------------------------------------
 
     async def _transfer(
         self, job: DecodeJob, rid: str, reservation: Reservation
-    ) -> PrefillOutcome | None:
+    ) -> PrefillResult | None:
         """Prefill remotely into ``reservation``; None when the fallback is to prefill here."""
         assert self._receiver is not None and job.prefill is not None and reservation.block_ids
         budget = self.policy.prefill_timeout_s
         if job.deadline is not None:
             budget = min(budget, job.deadline - time.monotonic())
         if budget <= 0:
-            raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before prefill")
+            raise RequestError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before prefill")
         loop = asyncio.get_running_loop()
         landed: asyncio.Future[TransferState] = loop.create_future()
 
@@ -172,7 +173,7 @@ class Decoder:
         transfer_id = f"{self.policy.worker_id}/{rid}"
         spec = RecvSpec(transfer_id, tuple(reservation.block_ids), timeout_s=budget)
         transfer = self._receiver.expect(spec, on_release)
-        call = PrefillCall(
+        prefill_job = PrefillJob(
             request_id=job.request_id,
             prompt=job.prompt,
             params=job.params,
@@ -180,11 +181,12 @@ class Decoder:
             kv_address=str(self._receiver.address),
             num_blocks=reservation.num_blocks,
             layer_wise=self.policy.layer_wise,
+            deadline=time.monotonic() + budget,
         )
         self.in_transfer += 1
         try:
             async with asyncio.timeout(budget):
-                outcome = await self._prefill.prefill(job.prefill.grpc_address, call, budget)
+                outcome = await self._prefill.prefill(job.prefill.grpc_address, prefill_job)
                 state = await landed  # the prefill worker answers after landing: no wait
             if state is TransferState.DONE:
                 return outcome
@@ -200,12 +202,12 @@ class Decoder:
             self.in_transfer -= 1
             self._stats.transfer(transfer.metrics)
         if job.deadline is not None and time.monotonic() >= job.deadline:
-            raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline passed in prefill")
+            raise RequestError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed in prefill")
         fallback = self.policy.on_prefill_failure is PrefillFailurePolicy.LOCAL
         self._stats.prefill_failed(reason, fallback)
         if not fallback:
             raise RequestError(
-                ErrorKind.UNAVAILABLE, f"prefill by {job.prefill.worker_id} failed: {detail}"
+                ErrorCode.UNAVAILABLE, f"prefill by {job.prefill.worker_id} failed: {detail}"
             )
         return None
 
@@ -216,7 +218,7 @@ class Decoder:
         job: DecodeJob,
         rid: str,
         reservation: Reservation,
-        outcome: PrefillOutcome,
+        outcome: PrefillResult,
         started: float,
     ) -> AsyncIterator[TokenDelta]:
         assert job.prefill is not None and reservation.block_ids is not None
@@ -225,7 +227,7 @@ class Decoder:
         try:
             self._stats.first_token(time.monotonic() - started)
             usage = Usage(len(job.prompt), 1, outcome.cached_tokens)
-            yield TokenDelta([outcome.first_token], None, usage, job.prefill.worker_id)
+            yield TokenDelta((outcome.first_token,), None, usage, job.prefill.worker_id)
         except BaseException:
             self._admission.give_back(reservation)
             raise
@@ -242,7 +244,7 @@ class Decoder:
             # add_prefilled refused the request, so the blocks are still ours.
             reservation.handed_over = False
             self._admission.give_back(reservation)
-            raise RequestError(ErrorKind.INTERNAL, f"could not join the batch: {exc}") from None
+            raise RequestError(ErrorCode.INTERNAL, f"could not join the batch: {exc}") from None
 
     async def _stream(
         self,
@@ -260,7 +262,7 @@ class Decoder:
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     now = time.monotonic()
-                    tokens = list(out.new_token_ids)
+                    tokens = tuple(out.new_token_ids)
                     if first:
                         self._stats.first_token(now - since)
                         cached_tokens = out.cached_tokens

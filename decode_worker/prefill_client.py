@@ -1,41 +1,25 @@
-"""The decode worker's client of prefill workers: one ``Prefill`` RPC per request.
+"""The decode worker's client of prefill workers: one ``Prefill`` per request.
 
-This is the decode side's translation point for the PrefillWorker API (dataclasses in,
-proto on the wire, a dataclass or :class:`PrefillFailed` out). Channels are kept per
-address for the life of the worker. Cancelling the awaiting coroutine cancels the RPC,
-which makes the prefill worker abort the prefill and its KV send.
+:class:`PrefillClient` is the interface the request lifecycle (:mod:`decode_worker.decode`)
+calls; :class:`GrpcPrefillClient` is the real one (the PrefillWorker RPC, converted by
+:mod:`messages.prefill_proto`), :class:`~decode_worker.prefill_fake.FakePrefillClient`
+the in-process one of the tests. Either way the answer is a
+:class:`~messages.prefill.PrefillResult` once the KV has landed, or :class:`PrefillFailed`.
+Cancelling the awaiting coroutine cancels the call, which makes the prefill worker abort
+the prefill and its KV send.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from typing import Protocol
 
 import grpc
 
-from common.sampling import SamplingParams
-from proto import worker_pb2, worker_pb2_grpc
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillCall:
-    """What the decode worker asks of a prefill worker for one request."""
-
-    request_id: str
-    prompt: tuple[int, ...]
-    params: SamplingParams  # samples the first token
-    transfer_id: str  # the RecvSpec the decode worker registered
-    kv_address: str  # the decode worker's KV receiver
-    num_blocks: int  # reserved destination blocks
-    layer_wise: bool
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillOutcome:
-    first_token: int
-    cached_tokens: int  # prompt tokens the prefill worker served from its prefix cache
-    kv_bytes: float
-    transfer_seconds: float
+from messages.prefill import PrefillJob, PrefillResult
+from messages.prefill_proto import job_to_proto, result_from_proto
+from proto import worker_pb2_grpc
 
 
 class PrefillFailed(Exception):
@@ -46,34 +30,34 @@ class PrefillFailed(Exception):
         self.reason = reason  # short label for metrics: the gRPC status code, lower case
 
 
-class PrefillClient:
+class PrefillClient(Protocol):
+    async def prefill(self, address: str, job: PrefillJob) -> PrefillResult:
+        """Have the prefill worker at ``address`` (its gRPC host:port) run ``job``, by
+        ``job.deadline``; raises :class:`PrefillFailed`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcPrefillClient:
+    """Channels are kept per address for the life of the worker."""
+
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def prefill(self, address: str, call: PrefillCall, timeout_s: float) -> PrefillOutcome:
+    async def prefill(self, address: str, job: PrefillJob) -> PrefillResult:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel(address))
-        request = worker_pb2.PrefillRequest(
-            request_id=call.request_id,
-            token_ids=call.prompt,
-            sampling=sampling_to_proto(call.params),
-            transfer_id=call.transfer_id,
-            kv_address=call.kv_address,
-            num_blocks=call.num_blocks,
-            layer_wise=call.layer_wise,
-        )
+        timeout = None
+        if job.deadline is not None:
+            timeout = max(job.deadline - time.monotonic(), 0.001)
         try:
-            reply = await stub.Prefill(request, timeout=timeout_s)
+            reply = await stub.Prefill(job_to_proto(job), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             raise PrefillFailed(
                 code.name.lower(), f"{address}: {code.name}: {exc.details()}"
             ) from None
-        return PrefillOutcome(
-            first_token=reply.first_token,
-            cached_tokens=reply.cached_tokens,
-            kv_bytes=reply.kv_bytes,
-            transfer_seconds=reply.transfer_seconds,
-        )
+        return result_from_proto(reply)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -84,15 +68,3 @@ class PrefillClient:
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address)
         return channel
-
-
-def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
-    return worker_pb2.SamplingParams(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        seed=params.seed,
-        stop_token_ids=params.stop_token_ids,
-        ignore_eos=params.ignore_eos,
-    )

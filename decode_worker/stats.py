@@ -3,9 +3,10 @@ TTFT / ITL windows its load reports carry to the routers."""
 
 from __future__ import annotations
 
+from common.errors import ErrorCode
 from common.metrics import Metrics
-from common.worker_runtime import LatencyWindow
 from kv_transfer.metrics import DURATION_BUCKETS, TransferMetrics
+from worker.latency import LatencyWindow
 
 
 class DecodeStats:
@@ -49,8 +50,8 @@ class DecodeStats:
         self._tokens.inc(completion_tokens)
         self._prefix_hits.inc(cached_tokens)
 
-    def rejected(self, kind: str) -> None:
-        self._requests.labels(kind).inc()
+    def rejected(self, code: ErrorCode) -> None:
+        self._requests.labels(code.value.lower()).inc()  # label values stay lower case
 
     def prefill_failed(self, reason: str, fallback: bool) -> None:
         self._prefill_failures.labels(reason).inc()

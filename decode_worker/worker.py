@@ -1,54 +1,54 @@
-"""Wiring of one decode (or colocated) worker process: engine, KV receiver, services.
+"""One decode (or colocated) worker's app: the engine, the KV receiver, the service.
 
 A decode worker runs a KV receiver that prefill workers send into; a colocated worker has
 none and prefills every request itself — the same ``Decode`` API over one engine, the
 baseline disaggregation is measured against. :class:`DecodeApp` is what
-:class:`~common.worker_runtime.WorkerRuntime` serves.
+:class:`~worker.runtime.WorkerRuntime` serves; it is given its engine, receiver and
+prefill client (:func:`decode_worker.wiring.build_decode_app` builds the real ones) and
+owns them from then on: :meth:`DecodeApp.close` closes all three.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 from common.grpc_server import AddServicerFn
 from common.kv_events import KVEvent
 from common.metrics import Metrics
-from common.worker_config import WorkerConfig
 from common.worker_info import WorkerRole
-from common.worker_runtime import WorkerSnapshot
 from decode_worker.decode import DecodePolicy, Decoder
 from decode_worker.prefill_client import PrefillClient
 from decode_worker.service import SERVICE_NAME, DecodeServicer
 from decode_worker.stats import DecodeStats
 from engine.async_engine import AsyncEngine, EngineStats
-from engine.llm_engine import LLMEngine
 from kv_transfer.interfaces import KVReceiver
 from proto import worker_pb2_grpc
-
-log = logging.getLogger(__name__)
+from worker.config import WorkerConfig
+from worker.snapshot import WorkerSnapshot
 
 
 class DecodeApp:
-    """Build inside a running event loop (the engine thread posts results to it)."""
+    """Build inside a running event loop (the engine thread posts results to it); the
+    engine must not be started yet (the app starts it)."""
 
-    def __init__(self, config: WorkerConfig, worker_id: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        worker_id: str,
+        engine: AsyncEngine,
+        receiver: KVReceiver | None,  # None: colocated, every request is prefilled here
+        prefill: PrefillClient,
+        metrics: Metrics,
+    ) -> None:
         if config.role not in (WorkerRole.DECODE, WorkerRole.COLOCATED):
             raise ValueError(f"a decode app cannot run role {config.role.value}")
         self.role = config.role
-        engine = LLMEngine(config.engine)
-        self.geometry = engine.geometry()
-        self.engine = AsyncEngine(engine)
-        self.receiver: KVReceiver | None = None
-        if config.takes_transfers:
-            from kv_transfer.receiver import TorchDistReceiver
-
-            self.receiver = TorchDistReceiver(
-                engine.kv_cache, engine.model_config.name, config.kv_transfer
-            )
-        self.kv_address = str(self.receiver.address) if self.receiver is not None else None
-        self._prefill_client = PrefillClient()
+        self.geometry = engine.geometry
+        self.engine = engine
+        self.receiver = receiver
+        self.kv_address = str(receiver.address) if receiver is not None else None
+        self._prefill_client = prefill
         self._stats = DecodeStats(metrics)
         policy = DecodePolicy(
             worker_id=worker_id,
@@ -56,14 +56,12 @@ class DecodeApp:
             on_prefill_failure=config.on_prefill_failure,
             layer_wise=config.layer_wise,
         )
-        self.decoder = Decoder(
-            policy, self.engine, self.receiver, self._prefill_client, self._stats
-        )
+        self.decoder = Decoder(policy, engine, receiver, prefill, self._stats)
         self.services: Sequence[tuple[AddServicerFn, Any]] = [
             (worker_pb2_grpc.add_DecodeWorkerServicer_to_server, DecodeServicer(self.decoder))
         ]
         self.service_names: Sequence[str] = [SERVICE_NAME]
-        self.engine.start()
+        engine.start()
 
     def snapshot(self) -> WorkerSnapshot:
         return self._snapshot(self.engine.stats)

@@ -17,7 +17,7 @@ restarts the whole app. Layout (every key optional)::
         port: 50051
 
 ``user_config`` of each worker deployment (PrefillWorker, DecodeWorker, Worker): that
-pool's :class:`~common.worker_config.WorkerConfig` (minus the keys the deployment sets:
+pool's :class:`~worker.config.WorkerConfig` (minus the keys the deployment sets:
 role, worker_id, redis_url, namespace). Serve applies a changed ``user_config`` to the
 running replicas without touching the rest of the app; each replica then starts a worker
 with the new config and drains the old one (see :mod:`deploy.deployments`).
@@ -33,9 +33,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.worker_config import WorkerConfig
 from common.worker_info import WorkerRole
 from router.config import RouterConfig
+from worker.config import WorkerConfig
 
 AUTO_HOST = "auto"
 

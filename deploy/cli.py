@@ -5,8 +5,8 @@ existing cluster with ``--address``) and serves until Ctrl-C; ``pdserve status``
 pools and workers; ``pdserve check`` validates a Serve config offline (Serve's schema and
 pdserve's own checks); ``pdserve chat`` / ``pdserve generate`` stream a reply from a
 running router (``--local``: run the engine in this process instead, offline);
-``pdserve bench`` is the end-to-end load generator (benchmarks/loadgen). The logic lives in
-the deploy, router and benchmarks modules; this file only parses arguments.
+``pdserve bench`` is the end-to-end load generator (the ``loadgen`` package). The logic
+lives in the deploy, router and loadgen packages; this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.set_defaults(handler=_stream, chat=chat)
 
-    from benchmarks.loadgen.cli import add_parser as add_bench_parser
+    from loadgen.cli import add_parser as add_bench_parser
 
     add_bench_parser(commands)
     return parser

@@ -25,7 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -80,10 +80,6 @@ class LoopThread:
     def run(self, coro: Coroutine[Any, Any, _T], timeout_s: float | None = None) -> _T:
         """Run ``coro`` on the loop and block until its result (from another thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def wrap(self, coro: Coroutine[Any, Any, _T]) -> Awaitable[_T]:
-        """Run ``coro`` on the loop; await the result from the caller's loop."""
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     async def wait(self, timeout_s: float | None = None) -> bool:
         """From another loop: True once ``main`` has returned (or raised)."""

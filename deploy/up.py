@@ -32,8 +32,8 @@ from typing import Any, TextIO
 
 from common import env
 from common.grpc_server import wait_healthy
+from common.redis_process import RedisProcess
 from deploy.local_ray import connect, init_local, pin_to_loopback
-from deploy.redis_process import RedisProcess
 from deploy.serve_config import DEFAULT_CONFIG, ServeConfig
 
 

@@ -1,7 +1,7 @@
 """One pdserve worker (prefill, decode or colocated) living inside a Serve replica.
 
 The worker is the same object graph as ``python -m prefill_worker`` builds — a
-:class:`~common.worker_runtime.WorkerRuntime` serving the role's app — run on a
+:class:`~worker.runtime.WorkerRuntime` serving the role's app — run on a
 :class:`~deploy.hosting.LoopThread` instead of a process's main loop. Lifecycle::
 
     start     thread: WorkerRuntime + the role's app (loads the model, starts the engine
@@ -26,13 +26,14 @@ import os
 import time
 
 from common.registry import SyncRegistryReader
-from common.worker_config import WorkerConfig
 from common.worker_info import WorkerInfo, WorkerRole
-from common.worker_runtime import WorkerApp, WorkerRuntime
 from deploy.hosting import LoopThread, grpc_health
 from deploy.latency import RecentQuantile
 from deploy.replica_stats import ReplicaStats
 from deploy.scaling import ITL_P90_MS, KV_BLOCK_USE, QUEUED_PREFILL_TOKENS, TTFT_P90_MS
+from worker.app import WorkerApp
+from worker.config import WorkerConfig
+from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,12 @@ class WorkerHost:
 def _build_app(config: WorkerConfig, runtime: WorkerRuntime) -> WorkerApp:
     # torch and the model load here, on the worker's thread, not in Serve's loop.
     if config.role is WorkerRole.PREFILL:
-        from prefill_worker.worker import PrefillApp
+        from prefill_worker.wiring import build_prefill_app
 
-        return PrefillApp(config, runtime.worker_id, runtime.metrics)
-    from decode_worker.worker import DecodeApp
+        return build_prefill_app(config, runtime.worker_id, runtime.metrics)
+    from decode_worker.wiring import build_decode_app
 
-    return DecodeApp(config, runtime.worker_id, runtime.metrics)
+    return build_decode_app(config, runtime.worker_id, runtime.metrics)
 
 
 def _counter_total(runtime: WorkerRuntime, name: str) -> float:

@@ -1,6 +1,7 @@
 """An :class:`LLMEngine` on its own thread, driven from asyncio servers.
 
-Lifecycle: ``start()`` spawns the engine thread. Coroutines submit *commands* (functions
+Lifecycle: ``set_layer_hook()`` (optional, before start), ``start()`` spawns the engine
+thread. Coroutines submit *commands* (functions
 of the engine) with :meth:`AsyncEngine.call`; the thread runs them between steps, in
 order, so only that thread ever touches the engine, its block manager or its KV cache.
 While requests are unfinished the thread steps the engine and posts each request's
@@ -9,6 +10,10 @@ joins the thread.
 
 A stream that its consumer abandons (client cancelled, deadline) aborts its request, so
 blocks are always freed.
+
+What never changes after construction — the KV layout and geometry, the context length,
+the vocabulary, prompt validation — is readable from any thread, so the workers ask this
+object, not the engine behind it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from common.sampling import SamplingParams
+from common.worker_info import BlockGeometry
+from engine.kv_cache import KVLayout
 from engine.llm_engine import LLMEngine, StepLayerHook
 from engine.outputs import StepOutput
 
@@ -49,18 +56,50 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, after_layer: StepLayerHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._after_layer = after_layer
+        self._after_layer: StepLayerHook | None = None
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._geometry = engine.geometry()
         self.stats = self._snapshot()
 
+    # -- immutable facts: any thread -----------------------------------------------------
+    @property
+    def layout(self) -> KVLayout:
+        return self.engine.layout
+
+    @property
+    def geometry(self) -> BlockGeometry:
+        return self._geometry
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    def blocks_for_prompt(self, num_prompt_tokens: int) -> int:
+        return self.engine.blocks_for_prompt(num_prompt_tokens)
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        """ValueError with the reason if the engine would refuse this prompt."""
+        self.engine.validate_prompt(token_ids)
+
     # -- lifecycle ----------------------------------------------------------------------
+    def set_layer_hook(self, after_layer: StepLayerHook) -> None:
+        """Call ``after_layer(layer, output)`` on the engine thread as each layer's KV of a
+        step is in the cache (the prefill worker's KV sends start there). Before start."""
+        if self._thread is not None:
+            raise RuntimeError("set the layer hook before starting the engine")
+        self._after_layer = after_layer
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -86,6 +125,11 @@ class AsyncEngine:
     def submit(self, fn: Callable[[LLMEngine], Any]) -> None:
         """Fire and forget: ``fn(engine)`` runs on the engine thread; errors are logged."""
         self._submit(lambda: self._guarded(fn))
+
+    def abort(self, request_id: str) -> None:
+        """Fire and forget, from any thread: cancel a request and free its blocks (a finished
+        ``hold_blocks`` request releases them, to the prefix cache)."""
+        self.submit(lambda engine: engine.abort(request_id))
 
     # -- streams ------------------------------------------------------------------------
     def generate(
@@ -138,7 +182,7 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self._stopping:
-                self.submit(lambda engine: engine.abort(request_id))
+                self.abort(request_id)
 
     # -- the engine thread --------------------------------------------------------------
     def _submit(self, command: Callable[[], None]) -> None:

@@ -34,7 +34,7 @@ from engine.sequence import Sequence
 
 # Allocations this long (16-token blocks: 128 tokens) may evict cached blocks early to come
 # out as one run; shorter ones (decode growth, short prompts) take free holes first, as
-# strict LRU. ``python benchmarks/allocator.py`` measures the trade: runs against prefix
+# strict LRU. ``python -m benchmarks.allocator`` measures the trade: runs against prefix
 # hits, with and without it.
 RUN_EVICTION_MIN_BLOCKS = 8
 WINDOW_AGE_FACTOR = 4  # see BlockManager._evict_for_run

@@ -25,9 +25,10 @@ class EngineConfig:
     kv_cache_gib: float = 1.0
     # How the cache's memory is ordered (engine/kv_cache.py). "layer_first" sends a
     # layer-wise KV transfer's runs in place (the workers' default mode, and the faster
-    # order end to end there: benchmarks/disagg_vs_colocated.py); "page_first" sends a
-    # whole-request transfer as one message per run of blocks, scattered blocks included,
-    # but stages layer-wise ones (benchmarks/kv_transfer.py has both). Both ends of a
+    # order end to end there: `pdserve bench suite --only disagg --configs
+    # disaggregated,disaggregated-page-first`); "page_first" sends a whole-request transfer
+    # as one message per run of blocks, scattered blocks included, but stages layer-wise
+    # ones (`python -m benchmarks.kv_transfer` has both). Both ends of a
     # transfer must use the same order: the KV handshake refuses a mismatch.
     kv_cache_order: str = "layer_first"
     max_model_len: int | None = None  # None: the model's own context length

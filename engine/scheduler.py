@@ -77,10 +77,6 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)  # request ids whose KV was dropped
     num_batched_tokens: int = 0  # sum of chunk.num_tokens, <= max_num_batched_tokens
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
 
 class Scheduler:
     def __init__(

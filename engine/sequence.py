@@ -52,8 +52,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while the scheduler still has tokens to compute before sampling."""
-        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids

@@ -1,9 +1,10 @@
 """KV transfer between prefill and decode workers.
 
 Roles: :class:`KVSender` (prefill side) and :class:`KVReceiver` (decode side); each
-transfer is a :class:`Transfer` state machine (pending → transferring → done | failed)
-with poll / wait / abort and a ``release`` callback that returns the caller's blocks
-exactly once. Implementations: the torch.distributed transport
+transfer is a :class:`Transfer` handle (state / wait / abort) on a state machine (pending
+→ transferring → done | failed) that transports drive through its
+:class:`~kv_transfer.transfer.TransferControl`, with a ``release`` callback that returns
+the caller's blocks exactly once. Implementations: the torch.distributed transport
 (:class:`TorchDistSender` / :class:`TorchDistReceiver`, gloo on CPU, NCCL on CUDA) and an
 in-process fake (:mod:`kv_transfer.fake`) for tests of the workers.
 

@@ -70,17 +70,17 @@ class ExpectedTransfers:
         if transfer is None:
             return None, Reason.UNKNOWN_TRANSFER
         if begin.code not in CODE_MODES or not 0 < begin.value <= self._max_chunk_bytes:
-            transfer._fail(TransferRejected(f"{transfer.transfer_id}: bad BEGIN {begin}"))
+            transfer.control.fail(TransferRejected(f"{transfer.transfer_id}: bad BEGIN {begin}"))
             return None, Reason.BAD_REQUEST
         if begin.num_blocks != len(transfer.block_ids):
-            transfer._fail(
+            transfer.control.fail(
                 TransferRejected(
                     f"{transfer.transfer_id}: sender has {begin.num_blocks} blocks, "
                     f"{len(transfer.block_ids)} were reserved"
                 )
             )
             return None, Reason.BLOCK_COUNT
-        if not transfer._start():
+        if not transfer.control.start():
             return None, error_reason(transfer.error) if transfer.error else Reason.NOT_PENDING
         return transfer, Reason.OK
 
@@ -88,7 +88,7 @@ class ExpectedTransfers:
         with self._lock:
             transfer = self._by_key.get(key)
         if transfer is not None and transfer.state is TransferState.PENDING:
-            transfer._fail(reason_error(code, transfer.transfer_id, peer))
+            transfer.control.fail(reason_error(code, transfer.transfer_id, peer))
 
     def settle(self, key: int) -> None:
         """The transfer left the wire: its abort flag, if any, is no longer needed."""
@@ -104,7 +104,7 @@ class ExpectedTransfers:
             transfers = list(self._by_key.items())
         stale = []
         for key, transfer in transfers:
-            transfer._expire(now)
+            transfer.control.expire(now)
             if transfer.ended_at is not None and now - transfer.ended_at > RETAIN_S:
                 stale.append((key, transfer))
         with self._lock:
@@ -117,7 +117,7 @@ class ExpectedTransfers:
             self.closed = True
             transfers = list(self._by_key.values())
         for transfer in transfers:
-            transfer._fail(TransferAborted(f"{transfer.transfer_id}: receiver closed"))
+            transfer.control.fail(TransferAborted(f"{transfer.transfer_id}: receiver closed"))
 
     def _publish_failure(self, transfer: RecvTransfer, error: TransferError) -> None:
         # Only a transfer already on the wire needs the sender told out of band; a pending

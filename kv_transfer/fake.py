@@ -123,7 +123,7 @@ class FakeReceiver(KVReceiver):
             self._closed = True
             transfers = list(self._expected.values())
         for transfer in transfers:
-            transfer._fail(TransferAborted(f"{transfer.transfer_id}: receiver closed"))
+            transfer.control.fail(TransferAborted(f"{transfer.transfer_id}: receiver closed"))
         self._monitor.stop()
 
     def _claim(self, transfer_id: str, num_blocks: int) -> tuple[RecvTransfer | None, Reason]:
@@ -134,9 +134,9 @@ class FakeReceiver(KVReceiver):
         if transfer is None:
             return None, Reason.UNKNOWN_TRANSFER
         if num_blocks != len(transfer.block_ids):
-            transfer._fail(TransferRejected(f"{transfer_id}: block count mismatch"))
+            transfer.control.fail(TransferRejected(f"{transfer_id}: block count mismatch"))
             return None, Reason.BLOCK_COUNT
-        if not transfer._start():
+        if not transfer.control.start():
             return None, error_reason(transfer.error) if transfer.error else Reason.NOT_PENDING
         return transfer, Reason.OK
 
@@ -144,13 +144,13 @@ class FakeReceiver(KVReceiver):
         with self._lock:
             pending = self._expected.get(transfer_id)
         if pending is not None and pending.started_at is None:
-            pending._fail(reason_error(reason, transfer_id, "sender"))
+            pending.control.fail(reason_error(reason, transfer_id, "sender"))
 
     def _tick(self, now: float) -> None:
         with self._lock:
             transfers = list(self._expected.values())
         for transfer in transfers:
-            transfer._expire(now)
+            transfer.control.expire(now)
 
 
 class FakeSender(KVSender):
@@ -198,14 +198,14 @@ class FakeSender(KVSender):
             self._closed = True
             live = list(self._live)
         for transfer in live:
-            transfer._fail(TransferAborted(f"{transfer.transfer_id}: sender closed"))
+            transfer.control.fail(TransferAborted(f"{transfer.transfer_id}: sender closed"))
         self._monitor.stop()
 
     def _tick(self, now: float) -> None:
         with self._lock:
             live = list(self._live)
         for transfer in live:
-            transfer._expire(now)
+            transfer.control.expire(now)
 
     def _drain(self, peer: PeerAddress) -> None:
         while True:
@@ -223,20 +223,20 @@ class FakeSender(KVSender):
 
     def _deliver(self, peer: PeerAddress, sent: SendTransfer) -> None:
         receiver, fault = self._network._lookup(peer)
-        if not sent._start():
+        if not sent.control.start():
             if receiver is not None:  # like CANCEL: the receiver stops waiting
                 receiver._cancel(sent.transfer_id, error_reason(sent.error))
             return
         if receiver is None:
-            sent._fail(PeerLost(f"cannot reach receiver {peer}"))
+            sent.control.fail(PeerLost(f"cannot reach receiver {peer}"))
             return
-        problems = self.handshake.mismatches(receiver.handshake, "sender", "receiver")
-        if problems:
-            sent._fail(IncompatiblePeer(f"receiver {peer} refused us: " + "; ".join(problems)))
+        problem = self.handshake.mismatch(receiver.handshake, "sender", "receiver")
+        if problem:
+            sent.control.fail(IncompatiblePeer(f"receiver {peer} refused us: {problem}"))
             return
         landed, reason = receiver._claim(sent.transfer_id, len(sent.block_ids))
         if landed is None:
-            sent._fail(reason_error(reason, sent.transfer_id, f"receiver {peer}"))
+            sent.control.fail(reason_error(reason, sent.transfer_id, f"receiver {peer}"))
             return
         self._copy(receiver.cache, sent, landed, fault)
 
@@ -256,8 +256,8 @@ class FakeSender(KVSender):
         poll = self.config.poll_interval_s
         for chunk in plan_chunks(n, layout.num_layers, lbb, sent.mode, self.config.chunk_bytes):
             if fault is not None and chunk.index >= fault[1]:
-                sent._fail(fault[0])
-                landed._fail(fault[0])
+                sent.control.fail(fault[0])
+                landed.control.fail(fault[0])
                 return
             if self._network.chunk_delay_s:
                 time.sleep(self._network.chunk_delay_s)
@@ -265,31 +265,31 @@ class FakeSender(KVSender):
             while True:  # until the chunk's layers are ready, or either side is over
                 if sent.mode is TransferMode.LAYERWISE:
                     remaining = max(sent.deadline - time.monotonic(), 0.0)
-                    sent._wait_layers(chunk.layer_stop, min(remaining + 0.01, poll))
-                with sent._touching_blocks() as sender_live:
+                    sent.control.wait_for_layers(chunk.layer_stop, min(remaining + 0.01, poll))
+                with sent.control.touching_blocks() as sender_live:
                     ready = sender_live and sent.ready_layers >= chunk.layer_stop
                     if ready:
                         nbytes = pack(self.cache, src_ids, chunk, frame)
                 if ready:
                     break
-                sent._expire(time.monotonic())
+                sent.control.expire(time.monotonic())
                 if _propagate(sent, landed, "sender") or _propagate(landed, sent, "receiver"):
                     return
-            with landed._touching_blocks() as receiver_live:
+            with landed.control.touching_blocks() as receiver_live:
                 if receiver_live:
                     unpack(target, dst_ids, chunk, frame)
             if not receiver_live:
                 _propagate(landed, sent, "receiver")
                 return
-            sent._progress(nbytes, chunk.layers_complete(n))
-            landed._progress(nbytes, chunk.layers_complete(n))
-        landed._succeed()
-        sent._succeed()
+            sent.control.add_progress(nbytes, chunk.layers_complete(n))
+            landed.control.add_progress(nbytes, chunk.layers_complete(n))
+        landed.control.succeed()
+        sent.control.succeed()
 
 
 def _propagate(ended: Transfer, other: Transfer, side: str) -> bool:
     """Fail ``other`` because ``ended`` (the ``side`` peer) failed; True if ``ended`` is over."""
     if not ended.state.terminal:
         return False
-    other._fail(reason_error(error_reason(ended.error), other.transfer_id, side))
+    other.control.fail(reason_error(error_reason(ended.error), other.transfer_id, side))
     return True

@@ -7,10 +7,11 @@ How the two sides meet (every transport follows it):
 2. It tells the prefill worker (gRPC, later) the receiver's ``address``, the transfer id
    and the block count.
 3. The prefill worker calls ``sender.send(SendSpec, release)``. The sender connects to
-   the receiver on first use (handshake: model, dtype and KV geometry must match), then
+   the receiver on first use (handshake: the caches' :class:`~common.kv_compat.KVCompat`
+   — model, dtype, KV geometry, cache order — and the backend must match), then
    transfers run in submission order per (sender, receiver) pair.
 
-Both calls return a :class:`~kv_transfer.transfer.Transfer` (poll / wait / abort /
+Both calls return a :class:`~kv_transfer.transfer.Transfer` (state / wait / abort /
 error); ``release`` is called exactly once when it is terminal — see that module for the
 block contract. Endpoints are thread-safe and serve many pairs at once.
 """

@@ -7,8 +7,8 @@ the landing (:func:`~kv_transfer.segments.post_limit`; the first ones before ACC
 
 * Fi goes into staging slot ``i % depth``;
 * Pi goes straight into the destination blocks, under a lease on the transfer's blocks
-  (``Transfer._lease``) that ends once the pieces have arrived — or, for a transfer that
-  already ended here (aborted, timed out), into scratch. The sender is committed to every
+  (``TransferControl.lease``) that ends once the pieces have arrived — or, for a transfer
+  that already ended here (aborted, timed out), into scratch. The sender is committed to every
   posted frame once it has ACCEPT: it sends it, or an ABORT with filler pieces of the
   same sizes, so a lease never waits on bytes nobody will send.
 
@@ -30,18 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.kv_cache import KVCache
 from kv_transfer.errors import ProtocolError, TransferError
-from kv_transfer.packing import (
-    Staging,
-    layer_block_bytes,
-    piece_scratch,
-    piece_views,
-    staged_ids,
-    unpack_staged,
-)
+from kv_transfer.packing import piece_scratch, piece_views, staged_ids, unpack_staged
 from kv_transfer.segments import Frame, post_limit
-from kv_transfer.torch_dist import FrameOps, Link, wire_timeout
+from kv_transfer.torch_dist import FrameOps, PairContext
 from kv_transfer.transfer import RecvTransfer
 from kv_transfer.wire import TAG_DATA, Header, Kind
 
@@ -60,24 +52,21 @@ class Landing:
 
     def __init__(
         self,
-        link: Link,
-        staging: Staging,
-        cache: KVCache,
+        pair: PairContext,
         transfer: RecvTransfer,
         begin: Header,
         plan: tuple[Frame, ...],
-        depth: int,
-        grace_s: float,
     ) -> None:
-        self._link = link
-        self._staging = staging
-        self._cache = cache
+        self._pair = pair
+        self._link = pair.link
+        self._staging = pair.staging
+        self._cache = pair.cache
         self._transfer = transfer
-        self._begin = begin
+        self._control = transfer.control
+        self._begin = begin  # the sender's BEGIN: every frame carries its key and seq
         self._plan = plan
-        self._depth = depth
-        self._grace_s = grace_s
-        self._lbb = layer_block_bytes(cache.layout)
+        self._depth = pair.depth
+        self._lbb = pair.layer_block_bytes
         self._posted: dict[int, Posted] = {}  # frames posted and not landed, by index
         self._next = 0  # the next frame to post
         self._landed = 0
@@ -114,8 +103,8 @@ class Landing:
         k = frame.index
         buf = self._staging.frame(k % self._depth, frame.staged_bytes(self._lbb))
         first = self._link.irecv(buf, TAG_DATA)
-        leased = bool(frame.direct) and self._transfer._lease()
-        ops = FrameOps(self._transfer if leased else None)
+        leased = bool(frame.direct) and self._control.lease()
+        ops = FrameOps(self._control if leased else None)
         self._posted[k] = Posted(first, buf, ops)  # from here run() abandons it on failure
         if leased:
             views = piece_views(self._cache, self._transfer.block_ids, frame)
@@ -158,28 +147,28 @@ class Landing:
 
     def _land(self, frame: Frame) -> None:
         posted = self._posted.pop(frame.index)
-        transfer = self._transfer
+        transfer, control = self._transfer, self._control
         failure: Exception | None = None
-        if frame.staged and transfer._lease():  # still live: the blocks are ours to write
+        if frame.staged and control.lease():  # still live: the blocks are ours to write
             try:
                 ids = staged_ids(transfer.block_ids, frame, self._cache.device)
                 unpack_staged(self._cache, ids, frame, posted.buffer)
             except Exception as exc:
                 failure = exc
             finally:
-                transfer._unlease()
+                control.return_lease()
         posted.pieces.finish(self._link, self._wire_timeout(), "DATA")  # abandons on failure
         self._landed = frame.index + 1
         self.post_ahead()
         if failure is not None:
-            transfer._fail(
+            control.fail(
                 TransferError(
                     f"{transfer.transfer_id}: landing chunk {frame.index} failed: {failure}"
                 )
             )
         elif not transfer.state.terminal:
             n = len(transfer.block_ids)
-            transfer._progress(frame.nbytes(self._lbb), frame.chunk.layers_complete(n))
+            control.add_progress(frame.nbytes(self._lbb), frame.chunk.layers_complete(n))
 
     def _drain_fillers(self, index: int) -> None:
         """After ABORT(index): the posted pieces receive the sender's fillers, and the
@@ -190,4 +179,4 @@ class Landing:
             self._posted.pop(k).pieces.finish(self._link, self._wire_timeout(), "DATA")
 
     def _wire_timeout(self) -> float:
-        return wire_timeout(self._transfer, self._grace_s)
+        return self._pair.wire_timeout(self._transfer)

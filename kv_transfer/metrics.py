@@ -48,11 +48,6 @@ class TransferMetrics:
     duration_s: float  # frames started to move until terminal
     layers: int  # layer chunks sent/landed (== num_layers when complete)
 
-    @property
-    def gbps(self) -> float:
-        """Achieved payload bandwidth in GB/s (10^9 bytes), 0 when nothing moved."""
-        return self.bytes / self.duration_s / 1e9 if self.duration_s > 0 else 0.0
-
 
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
@@ -111,7 +106,3 @@ class TransferStats:
                 duration_count=dict(self._count),
                 recent=tuple(self._recent),
             )
-
-    def failures(self) -> int:
-        with self._lock:
-            return sum(n for (_, outcome), n in self._transfers.items() if outcome != "done")

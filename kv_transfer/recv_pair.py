@@ -36,10 +36,10 @@ from engine.kv_cache import KVCache
 from kv_transfer.errors import ProtocolError, TransferError
 from kv_transfer.expected import ExpectedTransfers
 from kv_transfer.landing import Landing
-from kv_transfer.packing import Staging, layer_block_bytes, run_in_inference_mode
+from kv_transfer.packing import Staging, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group
 from kv_transfer.segments import Segment, long_runs, plan_frames, run_min_blocks
-from kv_transfer.torch_dist import Link, classify, wire_timeout
+from kv_transfer.torch_dist import Link, PairContext, classify
 from kv_transfer.transfer import RecvTransfer
 from kv_transfer.types import PeerAddress, TransferConfig, TransferState
 from kv_transfer.wire import (
@@ -78,9 +78,7 @@ class ReceiverPair:
         self._address = address
         self._expected = expected
         self._on_exit = on_exit
-        self._layer_block_bytes = layer_block_bytes(cache.layout)
-        self._depth = config.pipeline_depth
-        self._staging = Staging(cache.device, slots=self._depth)
+        self._staging = Staging(cache.device, slots=config.pipeline_depth)
         self._thread = threading.Thread(
             target=run_in_inference_mode, args=(self._run,), name=f"kv-recv-{index}", daemon=True
         )
@@ -98,6 +96,7 @@ class ReceiverPair:
             self._on_exit(self.index)
             return
         link = Link(group, 0, self.index, self.peer)
+        pair = PairContext(link, self._cache, self._staging, cfg)
         try:
             seq = 0
             while True:
@@ -110,7 +109,7 @@ class ReceiverPair:
                 if header.kind is not Kind.BEGIN or header.seq != seq + 1:
                     raise ProtocolError(f"expected BEGIN seq {seq + 1}, got {header}")
                 seq = header.seq
-                if not self._serve(link, header):
+                if not self._serve(pair, header):
                     return
         except TransferError as exc:
             log.info("pair %d with %s closed: %s", self.index, self.peer, exc)
@@ -118,36 +117,40 @@ class ReceiverPair:
             link.close()
             self._on_exit(self.index)
 
-    def _serve(self, link: Link, begin: Header) -> bool:
+    def _serve(self, pair: PairContext, begin: Header) -> bool:
         """One transfer; False when the pair should close (receiver shutting down)."""
-        src_runs = read_runs(self._staging.rx_control, begin.runs, begin.num_blocks)
+        src_runs = read_runs(pair.staging.rx_control, begin.runs, begin.num_blocks)
         transfer, reason = self._expected.claim(begin)
         if transfer is None:
-            self._reply(link, Kind.REJECT, begin, reason, None)
+            self._reply(pair, Kind.REJECT, begin, reason, None)
             return reason is not Reason.CLOSING
         try:
-            self._land(link, begin, transfer, src_runs)
+            self._land(pair, begin, transfer, src_runs)
         except Exception as exc:  # whatever broke, the blocks go back and the pair closes
             error = classify(exc, f"landing {transfer.transfer_id}")
-            transfer._fail(error)
+            transfer.control.fail(error)
             raise error from exc
         finally:
             self._expected.settle(begin.key)
         return True
 
     def _land(
-        self, link: Link, begin: Header, transfer: RecvTransfer, src_runs: tuple[Segment, ...]
+        self,
+        pair: PairContext,
+        begin: Header,
+        transfer: RecvTransfer,
+        src_runs: tuple[Segment, ...],
     ) -> None:
-        layout, grace = self._cache.layout, self._config.grace_s
+        layout = self._cache.layout
         mode = CODE_MODES[begin.code]
         min_blocks = run_min_blocks(
-            begin.direct, self._layer_block_bytes, layout.num_layers, mode, layout.page_first
+            begin.direct, pair.layer_block_bytes, layout.num_layers, mode, layout.page_first
         )
         dst_runs = long_runs(transfer.block_ids, min_blocks, CTRL_RUNS)
         plan = plan_frames(
             len(transfer.block_ids),
             layout.num_layers,
-            self._layer_block_bytes,
+            pair.layer_block_bytes,
             mode,
             begin.value,
             begin.direct,
@@ -155,15 +158,13 @@ class ReceiverPair:
             dst_runs,
             page_first=layout.page_first,
         )
-        landing = Landing(
-            link, self._staging, self._cache, transfer, begin, plan, self._depth, grace
-        )
+        landing = Landing(pair, transfer, begin, plan)
         try:
             # The first frames are posted before ACCEPT: the sender starts on it.
             landing.post_ahead()
             # Not waited for here: under CPU contention its completion can lag the first frame.
             accept = self._reply(
-                link, Kind.ACCEPT, begin, Reason.OK, transfer, wait=False, value=self._depth,
+                pair, Kind.ACCEPT, begin, Reason.OK, transfer, wait=False, value=pair.depth,
                 runs=dst_runs,
             )  # fmt: skip
         except BaseException:
@@ -171,16 +172,18 @@ class ReceiverPair:
             raise
         landing.run()
         if landing.sender_code is not None:
-            transfer._fail(reason_error(landing.sender_code, transfer.transfer_id, self.peer))
+            transfer.control.fail(
+                reason_error(landing.sender_code, transfer.transfer_id, self.peer)
+            )
         else:
-            transfer._succeed()
+            transfer.control.succeed()
         code = Reason.OK if transfer.state is TransferState.DONE else error_reason(transfer.error)
-        link.wait(accept, wire_timeout(transfer, grace), "ACCEPT")
-        self._reply(link, Kind.RESULT, begin, code, transfer)
+        pair.link.wait(accept, pair.wire_timeout(transfer), "ACCEPT")
+        self._reply(pair, Kind.RESULT, begin, code, transfer)
 
     def _reply(
         self,
-        link: Link,
+        pair: PairContext,
         kind: Kind,
         begin: Header,
         code: int,
@@ -191,13 +194,11 @@ class ReceiverPair:
     ) -> dist.Work:
         """Send a control frame; waits for it unless ``wait`` is False (then the caller
         must wait before ``tx_control`` is written again)."""
-        tx = self._staging.tx_control
+        tx = pair.staging.tx_control
         Header(kind, begin.key, begin.seq, code=int(code), value=value, runs=len(runs)).write(tx)
         write_runs(tx, runs)
-        work = link.isend(tx, TAG_CTRL)
+        work = pair.link.isend(tx, TAG_CTRL)
         if wait:
-            timeout = (
-                wire_timeout(transfer, self._config.grace_s) if transfer else self._config.grace_s
-            )
-            link.wait(work, timeout, kind.name)
+            timeout = pair.wire_timeout(transfer) if transfer else pair.config.grace_s
+            pair.link.wait(work, timeout, kind.name)
         return work

@@ -125,7 +125,7 @@ def request_join(
 ) -> int:
     """Sender side of the join; returns the pair index or raises IncompatiblePeer/PeerLost."""
     reply_key = f"join/reply/{name}/{uuid.uuid4().hex}"
-    hello = {"name": name, "handshake": json.loads(handshake.to_json()), "reply": reply_key}
+    hello = {"name": name, "handshake": handshake.to_dict(), "reply": reply_key}
     try:
         store.queue_push(JOIN_QUEUE, json.dumps(hello))
         store.wait([reply_key], _td(timeout_s))
@@ -138,10 +138,9 @@ def request_join(
         if reply.get("incompatible"):
             raise IncompatiblePeer(refusal, by_peer=True)
         raise PeerLost(refusal, by_peer=True)  # e.g. shutting down
-    theirs = Handshake(**reply["handshake"])
-    problems = handshake.mismatches(theirs, "sender", "receiver")
-    if problems:
-        raise IncompatiblePeer(f"incompatible receiver {address}: " + "; ".join(problems))
+    problem = handshake.mismatch(Handshake.from_dict(reply["handshake"]), "sender", "receiver")
+    if problem:
+        raise IncompatiblePeer(f"incompatible receiver {address}: {problem}")
     return int(reply["pair"])
 
 
@@ -192,21 +191,21 @@ class Acceptor:
 
     def _answer(self, hello: dict[str, Any], pair: int) -> None:
         try:
-            theirs = Handshake(**hello["handshake"])
-            problems = self._handshake.mismatches(theirs, "receiver", "sender")
+            theirs = Handshake.from_dict(hello["handshake"])
+            problem = self._handshake.mismatch(theirs, "receiver", "sender")
         except TypeError as exc:  # another protocol version's fields
-            theirs, problems = None, [f"unreadable handshake ({exc})"]
-        if problems or theirs is None:
-            error: str | None = "incompatible KV peer: " + "; ".join(problems)
+            theirs, problem = None, f"unreadable handshake ({exc})"
+        if problem or theirs is None:
+            error: str | None = f"incompatible KV peer: {problem}"
         else:
             error = self._on_join(pair, hello["name"], theirs)
         if error:
             log.warning("refused sender %s: %s", hello["name"], error)
         reply = {
             "ok": error is None,
-            "incompatible": bool(problems),
+            "incompatible": bool(problem),
             "error": error or "",
-            "handshake": json.loads(self._handshake.to_json()),
+            "handshake": self._handshake.to_dict(),
             "pair": pair,
         }
         self._client.set(hello["reply"], json.dumps(reply))

@@ -34,11 +34,11 @@ import torch.distributed as dist
 
 from engine.kv_cache import KVCache
 from kv_transfer.errors import PeerLost, ProtocolError, TransferAborted, TransferError
-from kv_transfer.packing import Staging, layer_block_bytes, run_in_inference_mode
+from kv_transfer.packing import Staging, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
 from kv_transfer.segments import Frame, long_runs, plan_frames, run_min_blocks
 from kv_transfer.streaming import Streaming
-from kv_transfer.torch_dist import Link, classify, wire_timeout
+from kv_transfer.torch_dist import Link, PairContext, classify
 from kv_transfer.transfer import SendTransfer
 from kv_transfer.types import Handshake, PeerAddress, TransferConfig
 from kv_transfer.wire import (
@@ -74,18 +74,16 @@ class SenderPair:
         self._handshake = handshake
         self._config = config
         self._name = name
-        self._layer_block_bytes = layer_block_bytes(cache.layout)
-        self._depth = config.pipeline_depth
-        self._staging = Staging(cache.device, slots=self._depth)
+        self._staging = Staging(cache.device, slots=config.pipeline_depth)
         self._peer_depth = 2  # the receiver's, from its last ACCEPT
         self._cond = threading.Condition()
         self._queue: deque[SendTransfer] = deque()
         self._current: SendTransfer | None = None
         self._accepted = False  # the receiver accepted _current: its abort flag may appear
         self._closing = False
-        self._link: Link | None = None
+        self._pair: PairContext | None = None  # while connected
         self._rendezvous: dist.TCPStore | None = None  # the group's store client
-        self._control: dist.TCPStore | None = None  # monitor-only client (flags)
+        self._flags: dist.TCPStore | None = None  # monitor-only client (abort flags)
         self._seq = 0
         self._thread = threading.Thread(
             target=run_in_inference_mode,
@@ -106,21 +104,25 @@ class SenderPair:
         with self._cond:
             live = [*self._queue, *([self._current] if self._current else [])]
             polled = self._current if self._accepted else None
-            control = self._control
+            flags = self._flags
         for transfer in live:
-            transfer._expire(now)
-        if polled is None or control is None or polled.state.terminal:
+            transfer.control.expire(now)
+        if polled is None or flags is None or polled.state.terminal:
             return
         flag = f"abort/{transfer_key(polled.transfer_id)}"
         try:
-            if control.check([flag]):
-                code = int(control.get(flag))
-                polled._fail(reason_error(code, polled.transfer_id, f"receiver {self.address}"))
+            if flags.check([flag]):
+                code = int(flags.get(flag))
+                polled.control.fail(
+                    reason_error(code, polled.transfer_id, f"receiver {self.address}")
+                )
         except RuntimeError as exc:
             # The receiver hosts the store: losing it means losing the receiver. Without
             # this a layer-wise send that waits for the prefill would only notice at its
             # deadline, because no gloo op is pending on its side.
-            polled._fail(PeerLost(f"{polled.transfer_id}: receiver {self.address} gone: {exc}"))
+            polled.control.fail(
+                PeerLost(f"{polled.transfer_id}: receiver {self.address} gone: {exc}")
+            )
 
     def close(self) -> None:
         with self._cond:
@@ -128,7 +130,7 @@ class SenderPair:
             doomed = [*self._queue, *([self._current] if self._current else [])]
             self._cond.notify_all()
         for transfer in doomed:
-            transfer._fail(TransferAborted(f"{transfer.transfer_id}: sender closed"))
+            transfer.control.fail(TransferAborted(f"{transfer.transfer_id}: sender closed"))
         self._thread.join(timeout=self._config.grace_s + 1)
 
     # ---- pair thread ---------------------------------------------------------------------
@@ -143,13 +145,13 @@ class SenderPair:
                         return
                     transfer = self._current = self._queue.popleft()
                 try:
-                    if transfer._start():
+                    if transfer.control.start():
                         self._transfer(transfer)
                     else:
                         self._cancel(transfer)
                 except Exception as exc:  # a bug must not strand the transfer or the pair
                     log.exception("send of %s crashed", transfer.transfer_id)
-                    transfer._fail(classify(exc, "send"))
+                    transfer.control.fail(classify(exc, "send"))
                     self._teardown()
                 finally:
                     with self._cond:
@@ -159,20 +161,20 @@ class SenderPair:
 
     def _transfer(self, transfer: SendTransfer) -> None:
         for attempt in range(2):
-            reused = self._link is not None
+            reused = self._pair is not None
             try:
-                link = self._connect(transfer)
-                plan = self._begin(link, transfer)
+                pair = self._connect(transfer)
+                plan = self._begin(pair, transfer)
             except PeerLost as exc:
                 self._teardown()
                 if attempt == 0 and reused and not transfer.state.terminal:
                     log.info("stale pair to %s (%s); joining again", self.address, exc)
                     continue
-                transfer._fail(exc)
+                transfer.control.fail(exc)
                 return
             except TransferError as exc:
                 self._teardown()
-                transfer._fail(exc)
+                transfer.control.fail(exc)
                 return
             break
         if plan is None:
@@ -180,40 +182,41 @@ class SenderPair:
         with self._cond:
             self._accepted = True
         try:
-            self._stream(link, transfer, plan)
+            self._stream(pair, transfer, plan)
         except TransferError as exc:
             self._teardown()
-            transfer._fail(exc)
+            transfer.control.fail(exc)
 
-    def _connect(self, transfer: SendTransfer) -> Link:
-        if self._link is not None:
-            return self._link
+    def _connect(self, transfer: SendTransfer) -> PairContext:
+        if self._pair is not None:
+            return self._pair
         remaining = max(transfer.deadline - time.monotonic(), 0.05)
         timeout = min(self._config.connect_timeout_s, remaining)
         rendezvous = connect_store(self.address, timeout)
-        pair = request_join(rendezvous, self._name, self._handshake, self.address, timeout)
+        index = request_join(rendezvous, self._name, self._handshake, self.address, timeout)
         try:
             group = new_pair_group(
-                rendezvous, pair, 1, self._cache.device, self._config.host, timeout
+                rendezvous, index, 1, self._cache.device, self._config.host, timeout
             )
         except RuntimeError as exc:
             raise classify(exc, f"group with receiver {self.address}") from exc
-        control = connect_store(self.address, timeout)
-        self._link = Link(group, 1, pair, f"receiver {self.address}")
+        flags = connect_store(self.address, timeout)
+        link = Link(group, 1, index, f"receiver {self.address}")
+        self._pair = PairContext(link, self._cache, self._staging, self._config)
         self._rendezvous, self._seq = rendezvous, 0
         with self._cond:
-            self._control = control
-        return self._link
+            self._flags = flags
+        return self._pair
 
-    def _begin(self, link: Link, transfer: SendTransfer) -> tuple[Frame, ...] | None:
+    def _begin(self, pair: PairContext, transfer: SendTransfer) -> tuple[Frame, ...] | None:
         """BEGIN → ACCEPT | REJECT, each listing its side's runs; the frame plan, or None
         (and the transfer failed) on REJECT."""
         self._seq += 1
-        staging, cfg, layout = self._staging, self._config, self._cache.layout
+        link, staging, cfg, layout = pair.link, pair.staging, pair.config, pair.cache.layout
         n = len(transfer.block_ids)
         min_blocks = run_min_blocks(
             cfg.direct_min_bytes,
-            self._layer_block_bytes,
+            pair.layer_block_bytes,
             layout.num_layers,
             transfer.mode,
             layout.page_first,
@@ -232,18 +235,18 @@ class SenderPair:
         ).write(staging.tx_control)
         write_runs(staging.tx_control, src_runs)
         begin = link.isend(staging.tx_control, TAG_CTRL)
-        link.wait(reply, wire_timeout(transfer, cfg.grace_s), "ACCEPT")
-        link.wait(begin, wire_timeout(transfer, cfg.grace_s), "BEGIN")  # delivered, if answered
+        link.wait(reply, pair.wire_timeout(transfer), "ACCEPT")
+        link.wait(begin, pair.wire_timeout(transfer), "BEGIN")  # delivered, if answered
         header = self._expect(transfer, (Kind.ACCEPT, Kind.REJECT))
         if header.kind is Kind.REJECT:
-            transfer._fail(reason_error(header.code, transfer.transfer_id, link.peer))
+            transfer.control.fail(reason_error(header.code, transfer.transfer_id, link.peer))
             return None
         self._peer_depth = max(1, header.value)
         dst_runs = read_runs(staging.rx_control, header.runs, n)
         return plan_frames(
             n,
             layout.num_layers,
-            self._layer_block_bytes,
+            pair.layer_block_bytes,
             transfer.mode,
             cfg.chunk_bytes,
             cfg.direct_min_bytes,
@@ -252,19 +255,16 @@ class SenderPair:
             page_first=layout.page_first,
         )
 
-    def _stream(self, link: Link, transfer: SendTransfer, plan: tuple[Frame, ...]) -> None:
-        result = link.irecv(self._staging.rx_control, TAG_CTRL)
-        grace = self._config.grace_s
-        Streaming(
-            link, self._staging, self._cache, transfer, self._seq, plan, self._depth,
-            self._peer_depth, grace,
-        ).run()  # fmt: skip
-        link.wait(result, wire_timeout(transfer, grace), "RESULT")
+    def _stream(self, pair: PairContext, transfer: SendTransfer, plan: tuple[Frame, ...]) -> None:
+        link = pair.link
+        result = link.irecv(pair.staging.rx_control, TAG_CTRL)
+        Streaming(pair, transfer, plan, self._seq, self._peer_depth).run()
+        link.wait(result, pair.wire_timeout(transfer), "RESULT")
         header = self._expect(transfer, (Kind.RESULT,))
         if header.code == Reason.OK:
-            transfer._succeed()
+            transfer.control.succeed()
         else:
-            transfer._fail(reason_error(header.code, transfer.transfer_id, link.peer))
+            transfer.control.fail(reason_error(header.code, transfer.transfer_id, link.peer))
 
     def _expect(self, transfer: SendTransfer, kinds: tuple[Kind, ...]) -> Header:
         header = Header.read(self._staging.rx_control)
@@ -278,9 +278,9 @@ class SenderPair:
 
     def _cancel(self, transfer: SendTransfer) -> None:
         """Tell the receiver to stop waiting for a transfer that never started here."""
-        link = self._link
-        if link is None:
+        if self._pair is None:
             return
+        link = self._pair.link
         key = transfer_key(transfer.transfer_id)
         Header(Kind.CANCEL, key, self._seq, code=error_reason(transfer.error)).write(
             self._staging.tx_control
@@ -292,8 +292,8 @@ class SenderPair:
             self._teardown()
 
     def _teardown(self) -> None:
-        link, self._link, self._rendezvous = self._link, None, None
+        pair, self._pair, self._rendezvous = self._pair, None, None
         with self._cond:
-            self._control = None
-        if link is not None:
-            link.close()
+            self._flags = None
+        if pair is not None:
+            pair.link.close()

@@ -20,49 +20,41 @@ from __future__ import annotations
 
 import time
 
-from engine.kv_cache import KVCache
-from kv_transfer.packing import (
-    Staging,
-    layer_block_bytes,
-    pack_staged,
-    piece_scratch,
-    piece_views,
-    staged_ids,
-)
+from kv_transfer.packing import pack_staged, piece_scratch, piece_views, staged_ids
 from kv_transfer.segments import Frame, post_limit
-from kv_transfer.torch_dist import FrameOps, Link, wire_timeout
+from kv_transfer.torch_dist import FrameOps, PairContext
 from kv_transfer.transfer import SendTransfer
 from kv_transfer.types import TransferMode
 from kv_transfer.wire import TAG_DATA, Header, Kind, error_reason, transfer_key
 
 
 class Streaming:
-    """The sending loop of one transfer on one pair (the pair's thread only)."""
+    """The sending loop of one transfer on one pair (the pair's thread only).
+
+    ``seq`` is the transfer's number on the pair (from its BEGIN), ``peer_depth`` the
+    frames the receiver keeps posted (from its ACCEPT)."""
 
     def __init__(
         self,
-        link: Link,
-        staging: Staging,
-        cache: KVCache,
+        pair: PairContext,
         transfer: SendTransfer,
-        seq: int,
         plan: tuple[Frame, ...],
-        depth: int,
+        seq: int,
         peer_depth: int,
-        grace_s: float,
     ) -> None:
-        self._link = link
-        self._staging = staging
-        self._cache = cache
+        self._pair = pair
+        self._link = pair.link
+        self._staging = pair.staging
+        self._cache = pair.cache
         self._transfer = transfer
+        self._control = transfer.control
         self._seq = seq
         self._key = transfer_key(transfer.transfer_id)
         self._plan = plan
-        self._depth = depth
+        self._depth = pair.depth
         self._peer_depth = peer_depth
-        self._grace_s = grace_s
-        self._lbb = layer_block_bytes(cache.layout)
-        self._inflight: list[FrameOps | None] = [None] * depth
+        self._lbb = pair.layer_block_bytes
+        self._inflight: list[FrameOps | None] = [None] * self._depth
 
     def run(self) -> None:
         """Send every frame (or ABORT + fillers) and wait until all of it is on the wire."""
@@ -91,17 +83,17 @@ class Streaming:
 
         The pack and the direct pieces read the blocks under a lease, which the pieces
         keep until they are on the wire (``_drain``)."""
-        transfer = self._transfer
+        transfer, control = self._transfer, self._control
         if transfer.mode is TransferMode.LAYERWISE:
-            while not transfer._wait_layers(
+            while not control.wait_for_layers(
                 frame.chunk.layer_stop, max(transfer.deadline - time.monotonic(), 0.0) + 0.01
             ):
                 if transfer.state.terminal:
                     return None
-                transfer._expire(time.monotonic())
-        if not transfer._lease():
+                control.expire(time.monotonic())
+        if not control.lease():
             return None
-        ops = FrameOps(transfer)
+        ops = FrameOps(control)
         try:
             buf = self._staging.frame(slot, frame.staged_bytes(self._lbb))
             if frame.staged:
@@ -123,10 +115,10 @@ class Streaming:
             ops.abandon(self._link)
             raise
         if not frame.direct:  # the payload is a copy: the blocks are no longer read
-            ops.transfer = None
-            transfer._unlease()
+            ops.leased = None
+            control.return_lease()
         n = len(transfer.block_ids)
-        transfer._progress(frame.nbytes(self._lbb), frame.chunk.layers_complete(n))
+        control.add_progress(frame.nbytes(self._lbb), frame.chunk.layers_complete(n))
         return ops
 
     def _send_abort(self, index: int) -> None:
@@ -149,4 +141,4 @@ class Streaming:
     def _drain(self, slot: int) -> None:
         ops, self._inflight[slot] = self._inflight[slot], None
         if ops is not None:
-            ops.finish(self._link, wire_timeout(self._transfer, self._grace_s), "DATA")
+            ops.finish(self._link, self._pair.wire_timeout(self._transfer), "DATA")

@@ -26,16 +26,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from engine.kv_cache import KVCache
+from kv_transfer.control import TransferControl
 from kv_transfer.errors import PeerLost, TransferError, TransferTimeout
+from kv_transfer.packing import Staging, layer_block_bytes
 from kv_transfer.rendezvous import backend_for, destroy_group
 from kv_transfer.transfer import Transfer
-from kv_transfer.types import Handshake
+from kv_transfer.types import Handshake, TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,32 @@ class Link:
         return self.group
 
 
+@dataclass(frozen=True, slots=True)
+class PairContext:
+    """One side of a connected pair, as the loop of one of its transfers sees it: the link,
+    the cache whose blocks it reads or writes, the pair's staging frames, and the
+    endpoint's config. The pair builds it when it connects; only the link changes after a
+    teardown, the rest lives as long as the pair."""
+
+    link: Link
+    cache: KVCache
+    staging: Staging
+    config: TransferConfig
+    layer_block_bytes: int = field(init=False)  # one layer's K (or V) of one block
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_block_bytes", layer_block_bytes(self.cache.layout))
+
+    @property
+    def depth(self) -> int:
+        """Frames this side keeps in flight (``pipeline_depth``)."""
+        return self.config.pipeline_depth
+
+    def wire_timeout(self, transfer: Transfer) -> float:
+        """How long the wire may still block for ``transfer`` (:func:`wire_timeout`)."""
+        return wire_timeout(transfer, self.config.grace_s)
+
+
 class FrameOps:
     """The wire operations of one frame, and the lease on the transfer's blocks they hold
     when some of them read or write the blocks in place (direct pieces).
@@ -129,8 +158,8 @@ class FrameOps:
 
     ABANDON_WAIT_S = 0.001  # error path: a pending op ends here, closing the pair
 
-    def __init__(self, transfer: Transfer | None) -> None:
-        self.transfer = transfer  # leased (``_lease()`` returned True), or None
+    def __init__(self, leased: TransferControl | None) -> None:
+        self.leased = leased  # the transfer whose lease this holds (``lease()`` was True)
         self.works: list[dist.Work] = []
 
     def finish(self, link: Link, timeout_s: float, what: str) -> None:
@@ -162,9 +191,9 @@ class FrameOps:
         self._end()
 
     def _end(self) -> None:
-        transfer, self.transfer = self.transfer, None
-        if transfer is not None:
-            transfer._unlease()
+        leased, self.leased = self.leased, None
+        if leased is not None:
+            leased.return_lease()
 
 
 class Monitor:

@@ -6,9 +6,11 @@ gRPC messages and the router can reason about addresses without importing the tr
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
+from typing import Any
+
+from common.kv_compat import KVCompat, differences
 
 # 2: run exchange and direct pieces; 3: pieces posted ahead; 4: whole-pages pieces
 PROTOCOL_VERSION = 4
@@ -38,33 +40,30 @@ class Role(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Handshake:
-    """What two peers must agree on before any block moves between them."""
+class Handshake(KVCompat):
+    """What two peers must agree on before any block moves between them: the caches' KV
+    compatibility (:class:`~common.kv_compat.KVCompat`, the same check the registry's
+    ``BlockGeometry`` makes) plus the transport's backend and protocol version.
 
-    model: str  # model identity (name or checkpoint path); blocks of another model are garbage
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    order: str = "layer_first"  # caches' memory order (engine.kv_cache): pieces slice it
-    backend: str = "gloo"  # gloo (CPU tensors) or nccl (CUDA tensors)
-    protocol: int = PROTOCOL_VERSION
+    On the wire (the join's hello and reply) it is a flat JSON object of its fields."""
 
-    def mismatches(self, other: Handshake, mine: str = "we", theirs: str = "peer") -> list[str]:
-        """Human-readable differences, ``[]`` when compatible."""
-        return [
-            f"{f.name}: {mine} {getattr(self, f.name)!r}, {theirs} {getattr(other, f.name)!r}"
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
+    backend: str = field(default="gloo", kw_only=True)  # gloo (CPU tensors) or nccl (CUDA)
+    protocol: int = field(default=PROTOCOL_VERSION, kw_only=True)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+    def mismatch(self, other: Handshake, mine: str = "we", theirs: str = "peer") -> str | None:
+        """None when compatible; else every differing field (KV ones first), e.g.
+        ``"order: receiver 'layer_first', sender 'page_first'"``, ``"; "``-joined."""
+        names = [f.name for f in fields(Handshake)]
+        return "; ".join(differences(self, other, names, mine, theirs)) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
-    def from_json(cls, data: bytes) -> Handshake:
-        return cls(**json.loads(data))
+    def from_dict(cls, data: dict[str, Any]) -> Handshake:
+        """Raises TypeError on fields this version does not know or misses (another
+        protocol's handshake); fields absent from older peers take their defaults."""
+        return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +144,8 @@ class TransferConfig:
     # is at least this big; smaller pieces are staged, because each message costs a fixed
     # overhead. On the 2-core dev VM (interleaved A/B runs, default model) direct pieces
     # of >= ~200 KiB clearly beat staging, 128-200 KiB ones about break even, and the
-    # threshold of 128 KiB did best on block-manager ids (benchmarks/kv_transfer.py,
-    # --direct-kib).
+    # threshold of 128 KiB did best on block-manager ids (`python -m benchmarks.kv_transfer
+    # --direct-kib`).
     direct_min_bytes: int = 128 << 10
     # Frames in flight per pair: the receiver keeps this many receives posted (posting
     # while gloo's IO thread streams into the pair stalls on the pair's lock, so posting

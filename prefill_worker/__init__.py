@@ -2,5 +2,7 @@
 
 Modules: ``prefill`` (a request's lifecycle: bootstrap → waiting → in flight), ``sends``
 (KV sends started from inside the engine step, layer-wise or whole), ``service`` (proto
-translation), ``stats`` (metrics), ``worker`` (process wiring), ``__main__`` (command line).
+translation, through :mod:`messages.prefill_proto`), ``stats`` (metrics), ``worker`` (the
+app the runtime serves), ``wiring`` (builds it from a config: the one place collaborators
+are chosen), ``__main__`` (command line).
 """

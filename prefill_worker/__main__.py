@@ -1,6 +1,6 @@
 """``python -m prefill_worker``: run a prefill worker.
 
-Flags override the YAML file given with ``--config`` (see :mod:`common.worker_config` for
+Flags override the YAML file given with ``--config`` (see :mod:`worker.config` for
 its layout). Prints one ready line on stdout once it serves and is registered::
 
     prefill worker <id> serving gRPC on 127.0.0.1:PORT kv - metrics 127.0.0.1:PORT
@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 
 from common import env
-from common.worker_config import build_parser, parse_config
 from common.worker_info import WorkerRole
-from common.worker_runtime import AppType, run_worker
+from worker.app import AppType
+from worker.config import build_parser, parse_config
+from worker.runtime import run_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _app_type() -> AppType:
-    from prefill_worker.worker import PrefillApp  # torch: after argument errors are reported
+    from prefill_worker.wiring import build_prefill_app  # torch: after argument errors are reported
 
-    return PrefillApp
+    return build_prefill_app
 
 
 if __name__ == "__main__":

@@ -26,39 +26,21 @@ import contextlib
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass
 
+from common.errors import ErrorCode, RequestError, invalid
 from common.sampling import SamplingParams
-from common.worker_runtime import ErrorKind, LatencyWindow, RequestError
 from engine.async_engine import AsyncEngine
 from engine.outputs import StepOutput
 from kv_transfer.types import PeerAddress, TransferState
+from messages.prefill import PrefillJob, PrefillResult
 from prefill_worker.sends import SendPlan, SendTracker
 from prefill_worker.stats import PrefillStats
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillJob:
-    request_id: str
-    prompt: tuple[int, ...]
-    params: SamplingParams  # samples the first token (max_tokens is ignored)
-    transfer_id: str
-    kv_address: str  # the decode worker's KV receiver, host:port
-    num_blocks: int
-    layer_wise: bool
-    deadline: float | None = None  # time.monotonic()
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillResult:
-    first_token: int
-    cached_tokens: int
-    prompt_tokens: int
-    kv_bytes: int
-    transfer_seconds: float
+from worker.latency import LatencyWindow
 
 
 class Prefiller:
+    """Runs Prefill requests against one engine; see the module docstring."""
+
     def __init__(self, engine: AsyncEngine, sends: SendTracker, stats: PrefillStats) -> None:
         self.draining = False
         self.active = 0
@@ -71,7 +53,7 @@ class Prefiller:
 
     async def run(self, job: PrefillJob) -> PrefillResult:
         if self.draining:
-            raise RequestError(ErrorKind.UNAVAILABLE, "worker is draining")
+            raise RequestError(ErrorCode.UNAVAILABLE, "worker is draining")
         peer = self._check(job)
         started = time.monotonic()
         rid = f"{job.request_id}#{next(self._ids)}"
@@ -87,18 +69,18 @@ class Prefiller:
             try:
                 first = await asyncio.shield(compute)
             except ValueError as exc:  # the engine refused the prompt
-                raise RequestError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+                raise invalid(str(exc)) from None
             finally:  # computed, failed or cancelled: no longer waiting for prefill
                 self.queued_tokens -= len(job.prompt)
             self._stats.prefilled(time.monotonic() - started, first)
             self.ttft_window.add(time.monotonic() - started)
             transfer = pending.transfer
             if transfer is None:
-                raise RequestError(ErrorKind.INTERNAL, pending.error or "no KV send started")
+                raise RequestError(ErrorCode.INTERNAL, pending.error or "no KV send started")
             state = await pending.done
             self._stats.transfer(transfer.metrics)
             if state is not TransferState.DONE:
-                raise RequestError(ErrorKind.UNAVAILABLE, f"KV send failed: {transfer.error}")
+                raise RequestError(ErrorCode.UNAVAILABLE, f"KV send failed: {transfer.error}")
             m = transfer.metrics
             outcome = "ok"
             return PrefillResult(
@@ -109,7 +91,7 @@ class Prefiller:
                 transfer_seconds=m.duration_s if m else 0.0,
             )
         except RequestError as exc:
-            outcome = exc.kind.value
+            outcome = exc.code.value.lower()  # metric labels stay lower case
             raise
         finally:
             self._sends.close(pending)  # first: the transport lets go of the blocks
@@ -118,20 +100,18 @@ class Prefiller:
             self._stats.finished(outcome)
 
     def _check(self, job: PrefillJob) -> PeerAddress:
-        engine = self._engine.engine  # immutable facts only: safe off the engine thread
         try:
-            engine.validate_prompt(list(job.prompt))
+            self._engine.validate_prompt(list(job.prompt))
             peer = PeerAddress.parse(job.kv_address)
         except ValueError as exc:
-            raise RequestError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+            raise invalid(str(exc)) from None
         if not job.transfer_id:
-            raise RequestError(ErrorKind.INVALID_ARGUMENT, "transfer_id is empty")
-        expected = engine.blocks_for_prompt(len(job.prompt))
+            raise invalid("transfer_id is empty")
+        expected = self._engine.blocks_for_prompt(len(job.prompt))
         if job.num_blocks != expected:
-            raise RequestError(
-                ErrorKind.INVALID_ARGUMENT,
+            raise invalid(
                 f"{len(job.prompt)} prompt tokens fill {expected} blocks, "
-                f"{job.num_blocks} were reserved",
+                f"{job.num_blocks} were reserved"
             )
         return peer
 

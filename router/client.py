@@ -7,7 +7,10 @@
     # what `pdserve chat "prompt"` / `pdserve generate "prompt"` call:
     exit_code = run("127.0.0.1:50051", "Hi!", chat=True, max_tokens=64)
 
-Only the generated proto and grpcio: usable from any Python process, no router internals.
+Requests and replies are translated by :mod:`router.api_proto`, the same module the
+servicer uses; the rest is grpcio. It imports only :mod:`router.api` and
+:mod:`router.api_proto` of the router (no tokenizer, no Redis): usable from any Python
+process.
 """
 
 from __future__ import annotations
@@ -15,18 +18,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 import grpc
 
+from common.generation import Usage
 from proto import serving_pb2, serving_pb2_grpc
-
-FINISH_NAMES = {
-    serving_pb2.FINISH_REASON_STOP: "stop",
-    serving_pb2.FINISH_REASON_LENGTH: "length",
-    serving_pb2.FINISH_REASON_ABORT: "abort",
-}
+from router import api_proto
+from router.api import ChatMessage, GenerateInput, ModelCard, RouteInfo, SamplingSpec
 
 
 def build_request(
@@ -48,29 +48,27 @@ def build_request(
 ) -> serving_pb2.GenerateRequest:
     """A GenerateRequest. ``chat=True`` sends ``prompt`` as a user message (after an
     optional ``system`` message); ``messages`` are (role, content) pairs."""
-    sampling = serving_pb2.SamplingParams(
+    sampling = SamplingSpec(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        stop=list(stop),
+        seed=seed,
+        stop=tuple(stop),
         ignore_eos=ignore_eos,
     )
-    if seed is not None:
-        sampling.seed = seed
-    request = serving_pb2.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
     if chat and prompt is not None:
         pairs = [("system", system)] if system else []
         messages = [*pairs, ("user", prompt)]
-    if messages is not None:
-        request.messages.messages.extend(
-            serving_pb2.ChatMessage(role=role, content=content) for role, content in messages
-        )
+    req = GenerateInput(request_id=request_id, model=model, sampling=sampling)
+    if messages is not None:  # the first of messages, token_ids, prompt that is given
+        chat_messages = tuple(ChatMessage(role, content) for role, content in messages)
+        req = replace(req, messages=chat_messages)
     elif token_ids is not None:
-        request.token_ids.ids.extend(token_ids)
+        req = replace(req, token_ids=tuple(token_ids))
     elif prompt is not None:
-        request.prompt = prompt
-    return request
+        req = replace(req, prompt=prompt)
+    return api_proto.input_to_proto(req)
 
 
 def stream_generate(
@@ -88,10 +86,11 @@ def stream_generate(
             call.cancel()
 
 
-def list_models(address: str, timeout_s: float = 5.0) -> list[serving_pb2.ModelCard]:
+def list_models(address: str, timeout_s: float = 5.0) -> list[ModelCard]:
     with grpc.insecure_channel(address) as channel:
         stub = serving_pb2_grpc.GenerationStub(channel)
-        return list(stub.ListModels(serving_pb2.ListModelsRequest(), timeout=timeout_s).models)
+        reply = stub.ListModels(api_proto.list_models_request(), timeout=timeout_s)
+        return api_proto.models_from_proto(reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +98,8 @@ class StreamResult:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str  # stop | length | abort | "" (stream ended without one)
-    usage: serving_pb2.Usage | None
-    route: serving_pb2.Route | None
+    usage: Usage | None
+    route: RouteInfo | None
     ttft_s: float | None
     total_s: float
 
@@ -117,18 +116,19 @@ def collect(
     for response in responses:
         if ttft is None:
             ttft = time.monotonic() - start
-        if response.HasField("route"):
-            route = response.route
-        if response.text:
-            parts.append(response.text)
+        chunk = api_proto.chunk_from_proto(response)
+        if chunk.route is not None:
+            route = chunk.route
+        if chunk.text:
+            parts.append(chunk.text)
             if out is not None:
-                out.write(response.text)
+                out.write(chunk.text)
                 out.flush()
-        ids.extend(response.token_ids)
-        if response.finish_reason:
-            finish = FINISH_NAMES.get(response.finish_reason, str(response.finish_reason))
-        if response.HasField("usage"):
-            usage = response.usage
+        ids.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason.value
+        if chunk.usage is not None:
+            usage = chunk.usage
     return StreamResult(
         "".join(parts), tuple(ids), finish, usage, route, ttft, time.monotonic() - start
     )

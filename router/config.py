@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what engine.model_loader registers it as
-DEFAULT_POOL = "default"  # the workers' default pool (common.worker_config)
+DEFAULT_POOL = "default"  # the workers' default pool (worker.config)
 # prefix_aware's price of one queued prefill token, in tokens to compute. Below 1 because a
 # worker's queue does not delay a mostly-cached prompt by its full length (the scheduler runs
 # short remainders beside long chunks), and because placing a prompt away from its prefix
@@ -171,12 +171,6 @@ class RouterConfig:
             _require(value is None or 0 <= value < 65536, f"{name} out of range: {value}")
         for name in ("refresh_interval_s", "quarantine_s", "prediction_ttl_s"):
             _require(getattr(self, name) > 0, f"{name} must be > 0")
-
-    def pool(self, name: str) -> PoolConfig:
-        for pool in self.pools:
-            if pool.name == name:
-                return pool
-        raise KeyError(name)
 
     # ---- loading ---------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ Lifecycle of one request (:meth:`Generator.generate`)::
     stream    DecodeStreamer yields token deltas (retrying before the first token);
               router.replies turns them into text Chunks
 
-Every outcome lands in ``requests_total{status}``; errors are :class:`RequestError` with
-the public status, which the servicer turns into a gRPC status.
+Every outcome lands in ``requests_total{status}``; errors are
+:class:`~common.errors.RequestError` with the public status, which the servicer turns into
+a gRPC status.
 """
 
 from __future__ import annotations
@@ -23,22 +24,16 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from common.errors import ErrorCode, RequestError
 from common.hashing import block_hashes
+from router.api import Chunk, GenerateInput, ModelCard
 from router.config import PoolConfig, RouterConfig
 from router.index import PrefixIndex
 from router.metrics import PoolMetrics, RouterMetrics
 from router.policies import RouteQuery, RoutingPolicy
 from router.registry_view import RegistryView
-from router.replies import Chunk, reply_chunks
-from router.request import (
-    ErrorCode,
-    GenerateInput,
-    PreparedRequest,
-    RequestError,
-    check_input,
-    finalize,
-    tokenize,
-)
+from router.replies import reply_chunks
+from router.request import PreparedRequest, check_input, finalize, tokenize
 from router.routing import Decision, decide
 from router.semantic import SemanticMatch, SemanticRouter
 from router.stream import DecodeStreamer, Plan
@@ -64,16 +59,6 @@ class PoolRuntime:
         native = self.tokenizer.facts.context_len
         cap = self.config.max_model_len
         return min(native, cap) if cap else native
-
-
-@dataclass(frozen=True, slots=True)
-class ModelCard:
-    name: str
-    pool: str
-    context_length: int
-    prefill_workers: int
-    decode_workers: int
-    is_default: bool
 
 
 class Generator:

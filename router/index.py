@@ -45,12 +45,6 @@ class PrefixIndex:
         """(worker, block) pairs indexed, predictions included."""
         return sum(len(blocks) for blocks in self._by_worker.values())
 
-    def workers(self) -> set[str]:
-        return {w for w, blocks in self._by_worker.items() if blocks}
-
-    def blocks_of(self, worker_id: str) -> int:
-        return len(self._by_worker.get(worker_id, ()))
-
     # ---- updates ---------------------------------------------------------------------------
 
     def apply(self, worker_id: str, event: StreamEvent) -> None:

@@ -91,9 +91,6 @@ class RouterMetrics:
             self._pools[(pool, policy)] = bound
         return bound
 
-    def render(self) -> bytes:
-        return self.metrics.render()
-
 
 @dataclass(frozen=True, slots=True)
 class PoolMetrics:

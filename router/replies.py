@@ -1,51 +1,24 @@
 """The reply, as the client receives it: token deltas in, text chunks out.
 
 :func:`reply_chunks` consumes a request's :class:`~router.stream.WorkerDelta` stream and
-yields :class:`Chunk` objects: incrementally detokenized text (never a broken character),
-stop strings applied (the text stops before the match and the worker call is closed), the
-route on the first chunk, finish reason and usage on the last. It also records the
-client-visible latencies: TTFT on the first chunk, ITL per token after it.
+yields :class:`~router.api.Chunk` objects: incrementally detokenized text (never a broken
+character), stop strings applied (the text stops before the match and the worker call is
+closed), the route on the first chunk, finish reason and usage on the last. It also
+records the client-visible latencies: TTFT on the first chunk, ITL per token after it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 
+from common.generation import FinishReason, Usage
+from router.api import Chunk, RouteInfo
 from router.detokenizer import IncrementalDetokenizer
 from router.metrics import PoolMetrics
 from router.request import PreparedRequest
 from router.stop_strings import StopMatcher
-from router.stream import FinishReason, WorkerDelta
-
-
-@dataclass(frozen=True, slots=True)
-class RouteInfo:
-    pool: str
-    prefill_worker: str  # "" when the decode worker prefilled itself
-    decode_worker: str
-    semantic_route: str  # "" when none matched
-    policy: str
-    predicted_cached_tokens: int
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    request_id: str
-    text: str  # delta, valid UTF-8
-    token_ids: tuple[int, ...]  # delta
-    finish_reason: FinishReason | None = None  # last chunk only
-    usage: Usage | None = None  # last chunk only
-    route: RouteInfo | None = None  # first chunk only
+from router.stream import WorkerDelta
 
 
 async def reply_chunks(

@@ -1,14 +1,14 @@
-"""A client request on its way in: the typed form, validation, and tokenization.
+"""A client request on its way in: validation and tokenization.
 
-Lifecycle of one request in this module (each step raises :class:`RequestError`)::
+Lifecycle of one request in this module (each step raises
+:class:`~common.errors.RequestError`, INVALID_ARGUMENT)::
 
-    GenerateInput   the servicer's translation of the proto, nothing checked yet
+    GenerateInput   (router.api) as router.api_proto read it, nothing checked yet
       → check_input(input, limits)        shape, sizes, roles, sampling values
       → tokenize(input, tokenizer)        prompt / chat template / token ids → token ids
       → finalize(...)                     context length, max_tokens → PreparedRequest
 
-Everything here is pure and torch-free; the statuses are the public API's (see
-``proto/serving.proto``), named by :class:`ErrorCode` so this module stays gRPC-free.
+Everything here is pure: no proto, no gRPC, no torch.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from enum import StrEnum
 
+from common.errors import invalid
+from common.sampling import SamplingParams
+from router.api import ChatMessage, GenerateInput, SamplingSpec
 from router.config import LimitsConfig
 from router.tokenizer import ModelTokenizer
 
@@ -26,96 +28,13 @@ MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_STRING_CHARS = 1024
 
 
-class ErrorCode(StrEnum):
-    """The public statuses a request can end with (gRPC status code names)."""
-
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    NOT_FOUND = "NOT_FOUND"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    UNAVAILABLE = "UNAVAILABLE"
-    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-    CANCELLED = "CANCELLED"
-    INTERNAL = "INTERNAL"
-
-
-class RequestError(Exception):
-    """A request failed with a public status and a message meant for the client."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"RequestError({self.code.value}, {self.message!r})"
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(ErrorCode.INVALID_ARGUMENT, message)
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingSpec:
-    """Sampling as the client sent it (proto defaults: 0 = unset where documented)."""
-
-    max_tokens: int = 0  # 0 = the router's default
-    temperature: float = 0.0
-    top_p: float = 0.0  # 0 = disabled (1)
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateInput:
-    """Exactly one of ``prompt`` / ``messages`` / ``token_ids`` is set (or none: an error)."""
-
-    request_id: str = ""
-    model: str = ""
-    prompt: str | None = None
-    messages: tuple[ChatMessage, ...] | None = None
-    token_ids: tuple[int, ...] | None = None
-    sampling: SamplingSpec = SamplingSpec()
-
-    @property
-    def semantic_text(self) -> str | None:
-        """The text semantic routing embeds: the prompt, or the last user message."""
-        if self.prompt is not None:
-            return self.prompt
-        for message in reversed(self.messages or ()):
-            if message.role == "user":
-                return message.content
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """Resolved sampling, as the decode worker receives it."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    ignore_eos: bool
-    stop_token_ids: tuple[int, ...]
-
-
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     """A valid, tokenized request, ready to route."""
 
     request_id: str
     token_ids: tuple[int, ...]
-    sampling: Sampling
+    sampling: SamplingParams  # resolved: what the decode worker receives
     stop: tuple[str, ...]  # stop strings, applied on text by the router
 
 
@@ -188,7 +107,7 @@ def finalize(
     bad = [t for t in spec.stop_token_ids if t >= vocab_size]
     if bad:
         raise invalid(f"stop_token_ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-    sampling = Sampling(
+    sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=float(spec.temperature),
         top_p=float(spec.top_p) if spec.top_p > 0 else 1.0,

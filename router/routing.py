@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from common.errors import ErrorCode, RequestError
 from router.policies import Pick, RouteQuery, RoutingPolicy
-from router.request import ErrorCode, RequestError
 from router.snapshot import Pending, PoolSnapshot, WorkerView
 
 

@@ -106,10 +106,6 @@ class SemanticRouter:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.embeddings_computed = 0  # texts embedded for requests (cache misses)
 
-    @property
-    def routes(self) -> tuple[str, ...]:
-        return tuple(r.name for r in self._config.routes)
-
     def prepare(self) -> None:
         """Embed every utterance (loads the model). Blocking: run it off the event loop."""
         texts: list[str] = []

@@ -22,6 +22,7 @@ from common import env
 from common.grpc_server import GrpcServer
 from common.registry import Registry
 from proto import serving_pb2_grpc
+from router.api_proto import SERVICE_NAME
 from router.channels import ChannelPool
 from router.config import RouterConfig
 from router.generation import Generator, PoolRuntime
@@ -31,7 +32,7 @@ from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.registry_view import RegistryView
 from router.semantic import MiniLMEmbedder, SemanticRouter
-from router.service import SERVICE_NAME, GenerationServicer
+from router.service import GenerationServicer
 from router.stream import DecodeStreamer
 from router.tokenizer import ModelTokenizer
 from router.tracker import WorkerTracker

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.worker_info import WorkerInfo, WorkerLoad, WorkerRole
+from common.worker_info import WorkerInfo, WorkerLoad
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +44,6 @@ class PoolSnapshot:
             if group:
                 return group[0].info.geometry.block_size
         return None
-
-    @property
-    def disaggregated(self) -> bool:
-        return bool(self.prefill)
-
-    def by_role(self, role: WorkerRole) -> tuple[WorkerView, ...]:
-        return {
-            WorkerRole.PREFILL: self.prefill,
-            WorkerRole.DECODE: self.decode,
-            WorkerRole.COLOCATED: self.colocated,
-        }[role]
 
     @property
     def num_live(self) -> int:

@@ -32,13 +32,16 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 import grpc
 
+from common.errors import ErrorCode, RequestError
+from common.generation import FinishReason, Usage
+from messages.decode import DecodeJob, PrefillTarget
+from messages.decode_proto import delta_from_proto, job_to_proto
 from proto import worker_pb2
 from router.channels import ChannelPool
-from router.request import ErrorCode, PreparedRequest, RequestError
+from router.request import PreparedRequest
 from router.routing import Decision
 from router.tracker import WorkerTracker
 
@@ -50,33 +53,13 @@ _ATTEMPTS = itertools.count()
 Plan = Callable[[frozenset[str], frozenset[str]], Decision]  # (avoid, refused) → decision
 
 
-class FinishReason(StrEnum):
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-
-
-_FINISH = {
-    worker_pb2.FINISH_REASON_STOP: FinishReason.STOP,
-    worker_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    worker_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerUsage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerDelta:
     """One DecodeResponse, with the attempt that produced it."""
 
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None  # set on the last delta
-    usage: WorkerUsage | None  # last delta (or any delta that carries it)
+    usage: Usage | None  # last delta (or any delta that carries it)
     decision: Decision
     attempts: int
     prefilled_by: str  # first delta: the prefill worker id, "local", or "" if unknown
@@ -200,41 +183,25 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def _decode_request(request: PreparedRequest, decision: Decision) -> worker_pb2.DecodeRequest:
-    s = request.sampling
-    sampling = worker_pb2.SamplingParams(
-        max_tokens=s.max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        stop_token_ids=s.stop_token_ids,
-        ignore_eos=s.ignore_eos,
-    )
-    if s.seed is not None:
-        sampling.seed = s.seed
     # Unique per attempt: a retry may reach a worker that still holds the failed attempt,
     # and two clients may send the same request id.
     worker_request_id = f"{request.request_id}.{_ROUTER_ID}{next(_ATTEMPTS)}"
-    message = worker_pb2.DecodeRequest(
-        request_id=worker_request_id, token_ids=request.token_ids, sampling=sampling
-    )
+    prefill = None
     if decision.prefill is not None:
-        message.prefill.worker_id = decision.prefill.worker_id
-        message.prefill.grpc_address = decision.prefill.info.grpc_address
-    return message
+        prefill = PrefillTarget(decision.prefill.worker_id, decision.prefill.info.grpc_address)
+    job = DecodeJob(worker_request_id, request.token_ids, request.sampling, prefill)
+    return job_to_proto(job)
 
 
 def _delta(response: worker_pb2.DecodeResponse, decision: Decision, attempts: int) -> WorkerDelta:
-    usage = None
-    if response.HasField("usage"):
-        u = response.usage
-        usage = WorkerUsage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    delta = delta_from_proto(response)
     return WorkerDelta(
-        token_ids=tuple(response.token_ids),
-        finish_reason=_FINISH.get(response.finish_reason),
-        usage=usage,
+        token_ids=delta.token_ids,
+        finish_reason=delta.finish_reason,
+        usage=delta.usage,
         decision=decision,
         attempts=attempts,
-        prefilled_by=response.prefilled_by,
+        prefilled_by=delta.prefilled_by,
     )
 
 

@@ -83,10 +83,6 @@ class ModelTokenizer:
             Tokenizer.from_file(str(path / "tokenizer.json")), template, special, _read_facts(path)
         )
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._template is not None
-
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 

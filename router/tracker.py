@@ -92,9 +92,6 @@ class WorkerTracker:
     def quarantine(self, worker_id: str) -> None:
         self._quarantine[worker_id] = self._clock() + self._quarantine_s
 
-    def is_quarantined(self, worker_id: str) -> bool:
-        return worker_id in self.quarantined()
-
     def quarantined(self) -> frozenset[str]:
         """Workers quarantined now (empty, and cheap, in the normal case)."""
         if not self._quarantine:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common.env import apply_offline_defaults
 
-os.environ.setdefault("PDSERVE_CACHE_DIR", str(REPO / ".cache"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PDSERVE_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
+apply_offline_defaults()  # the same offline / loopback defaults every entry point sets
 
 import torch  # noqa: E402  (after the environment above)
 

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_binary
+from common.redis_process import RedisProcess
+
+INSTALL_HINT = (
+    "redis-server is not on PATH. Run `make test` (it installs Debian's redis-server via "
+    "scripts/ensure_redis.sh), or `apt-get install redis-server`."
+)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """URL of a private redis-server for the whole session.
+    """URL of a private redis-server (:mod:`common.redis_process`) for the whole session.
 
     Tests share it, so each test uses its own registry namespace. A missing redis-server
     is a broken set-up, not a reason to skip: the tests fail and say how to fix it.
     """
-    if redis_server_binary() is None:
+    if shutil.which("redis-server") is None:
         pytest.fail(INSTALL_HINT, pytrace=False)
-    with RedisServer() as server:
+    with RedisProcess() as server:
         yield server.url

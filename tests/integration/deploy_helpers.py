@@ -148,16 +148,6 @@ class Load:
                 self.results.append(result)
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.5
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(poll_s)
-
-
 # ---- processes ---------------------------------------------------------------------------------
 
 

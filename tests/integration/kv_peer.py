@@ -1,8 +1,9 @@
 """A KV transfer endpoint in its own OS process, driven by JSON lines, for the tests.
 
-Run as a script it is the peer: it reads one JSON command per line on stdin and answers
-one JSON line on stdout (logs go to stderr). Imported, :class:`KVPeer` starts and drives
-such a process with bounded waits, so a broken transport fails a test instead of hanging.
+Run as a module (``python -m tests.integration.kv_peer``) it is the peer: it reads one
+JSON command per line on stdin and answers one JSON line on stdout (logs go to stderr).
+Imported, :class:`KVPeer` starts and drives such a process with bounded waits, so a broken
+transport fails a test instead of hanging.
 
 A process hosts named endpoints (``init``), each a TorchDistSender or TorchDistReceiver
 with its own KVCache and BlockManager. Blocks are reserved by the commands and freed only
@@ -15,10 +16,10 @@ nothing was ever written outside a transfer's destination blocks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import queue
 import random
 import subprocess
 import sys
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from common.launch import ChildProcess, child_env
+
 SENTINEL = 7.0
 
 
@@ -166,8 +168,7 @@ class _Peer:
 
     def op_state(self, ep: _Endpoint, cmd: dict[str, Any]) -> dict[str, Any]:
         t = ep.transfers[cmd["tid"]]
-        layers = getattr(t, "layers_landed", None)
-        return {"state": t.state.value, "layers": layers if layers is not None else t._layers_done}
+        return {"state": t.state.value, "layers": t.control.layers_done}
 
     def op_abort(self, ep: _Endpoint, cmd: dict[str, Any]) -> dict[str, Any]:
         return {"aborted": ep.transfers[cmd["tid"]].abort(cmd.get("reason", "test"))}
@@ -216,44 +217,24 @@ def _serve() -> None:
 
 
 class KVPeer:
-    """Handle on a peer process; every call is bounded by ``timeout`` seconds."""
+    """Handle on a peer process (a :class:`common.launch.ChildProcess` running
+    ``python -m tests.integration.kv_peer``); every call is bounded by ``timeout`` seconds."""
 
     def __init__(self, name: str, log_dir: Path) -> None:
         self.name = name
-        env = {
-            **os.environ,
-            "GLOO_SOCKET_IFNAME": "lo",
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO_ROOT),
-        }
-        self._stderr = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives with the proc
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            cwd=REPO_ROOT,
-            env=env,
+        self._child = ChildProcess(
+            [sys.executable, "-m", "tests.integration.kv_peer"],
+            log_dir / f"{name}.log",
+            child_env(threads=1),
+            stdin=True,
         )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
 
     def ready(self, timeout: float = 60) -> KVPeer:
         self._reply(timeout)
         return self
 
     def call(self, op: str, timeout: float = 60, **kwargs: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
-        self.proc.stdin.flush()
+        self._child.write_line(json.dumps({"op": op, **kwargs}))
         reply = self._reply(timeout)
         if not reply.get("ok"):
             raise RuntimeError(f"{self.name} {op} failed: {reply.get('error')}")
@@ -261,34 +242,27 @@ class KVPeer:
 
     def _reply(self, timeout: float) -> dict[str, Any]:
         try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
+            line = self._child.next_line(timeout)
+        except TimeoutError:
             raise TimeoutError(f"{self.name} did not answer within {timeout}s") from None
         if line is None:
-            raise RuntimeError(f"{self.name} exited (code {self.proc.poll()})")
+            raise RuntimeError(f"{self.name} exited (code {self._child.proc.poll()})")
         return json.loads(line)
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
+        self._child.kill()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._stderr.close()
+        """Ask the peer to exit; killed if it does not within 10 s (or already died)."""
+        if self._child.alive():
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                self._child.write_line(json.dumps({"op": "exit"}))
+                self._child.wait_exit(10)
+        self._child.kill()
 
     def log(self) -> str:
-        self._stderr.flush()
-        return Path(self._stderr.name).read_text()[-4000:]
+        return self._child.log_tail()
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     _serve()

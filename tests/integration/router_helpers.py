@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from common.grpc_server import wait_healthy
 from proto import serving_pb2, serving_pb2_grpc
 from router.client import build_request
 from router.config import RouterConfig
@@ -116,76 +107,3 @@ def text_of(responses: list[serving_pb2.GenerateResponse]) -> str:
 
 def tokens_of(responses: list[serving_pb2.GenerateResponse]) -> list[int]:
     return [t for r in responses for t in r.token_ids]
-
-
-# ---- a router in its own process (``python -m router``) ------------------------------------
-
-ROUTER_READY = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
-
-
-class RouterProcess:
-    """``python -m router`` in its own process group; ``kill()`` always reaps it."""
-
-    def __init__(self, args: Sequence[str], log_path: Path) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "PDSERVE_CACHE_DIR": os.environ.get("PDSERVE_CACHE_DIR", str(REPO / ".cache")),
-        }
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,
-        )
-        self.address = ""
-        self.metrics_address = ""
-
-    def wait_ready(self, timeout_s: float = 120.0) -> RouterProcess:
-        assert self.proc.stdout is not None
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                lines.put(line.rstrip("\n"))
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = ""
-            if line is None:
-                raise RuntimeError(f"router exited ({self.proc.poll()}):\n{self.log()}")
-            match = ROUTER_READY.match(line or "")
-            if match:
-                self.address, self.metrics_address = match.group(1), match.group(2)
-                wait_healthy(self.address, timeout_s=max(1.0, deadline - time.monotonic()))
-                return self
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"router not ready in {timeout_s}s:\n{self.log()}")
-
-    def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self._log.close()
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-4000:]

@@ -19,6 +19,7 @@ from deploy.local_ray import pin_to_loopback
 
 pin_to_loopback()  # before anything in this process imports ray
 
+from common.launch import wait_until  # noqa: E402
 from common.registry import SyncRegistryReader  # noqa: E402
 from deploy.serve_config import ServeConfig  # noqa: E402
 from deploy.up import Up, UpOptions  # noqa: E402
@@ -29,11 +30,11 @@ from tests.integration.deploy_helpers import (  # noqa: E402
     load_default,
     long_prompt,
     small_workers,
-    wait_until,
     write_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+POLL_S = 0.5  # Serve's status and the registry are asked at most twice a second
 
 
 @dataclass
@@ -109,12 +110,18 @@ def test_prefill_pool_scales_out_under_a_burst_and_back_in(cluster: Cluster) -> 
         max_requests=30,
     ).start()
     try:
-        wait_until(lambda: cluster.replicas("PrefillWorker")[0] == 2, 150, "a 2nd prefill replica")
+        wait_until(
+            lambda: cluster.replicas("PrefillWorker")[0] == 2,
+            150,
+            "a 2nd prefill replica",
+            poll_s=POLL_S,
+        )
         # The new replica takes a share of the burst once it is registered.
         wait_until(
             lambda: any(r.route and r.route.prefill_worker != first for r in load.results),
             150,
             "a request prefilled by the new replica",
+            poll_s=POLL_S,
         )
     finally:
         load.stop()
@@ -122,8 +129,12 @@ def test_prefill_pool_scales_out_under_a_burst_and_back_in(cluster: Cluster) -> 
     assert len(load.results) == load.issued
     assert all(r.finish_reason == "length" and len(r.token_ids) == 4 for r in load.results)
 
-    wait_until(lambda: cluster.replicas("PrefillWorker") == (1, 1), 120, "scale back to 1")
-    wait_until(lambda: len(cluster.workers("prefill")) == 1, 30, "one prefill worker left")
+    wait_until(
+        lambda: cluster.replicas("PrefillWorker") == (1, 1), 120, "scale back to 1", poll_s=POLL_S
+    )
+    wait_until(
+        lambda: len(cluster.workers("prefill")) == 1, 30, "one prefill worker left", poll_s=POLL_S
+    )
 
 
 def test_decode_redeploy_drains_the_old_worker_without_failing_streams(cluster: Cluster) -> None:
@@ -137,12 +148,22 @@ def test_decode_redeploy_drains_the_old_worker_without_failing_streams(cluster: 
         max_requests=4,
     ).start()
     try:
-        wait_until(lambda: _decoding(cluster, old) == 4, 60, "4 streams on the decode worker")
+        wait_until(
+            lambda: _decoding(cluster, old) == 4,
+            60,
+            "4 streams on the decode worker",
+            poll_s=POLL_S,
+        )
         changed = ServeConfig(cluster.data)
         entry = deployment(changed.data, "DecodeWorker")
         entry["user_config"]["engine"]["max_num_seqs"] = 48  # a decode config change
         cluster.up.apply(changed)
-        wait_until(lambda: old not in cluster.workers("decode"), 120, "old worker deregistered")
+        wait_until(
+            lambda: old not in cluster.workers("decode"),
+            120,
+            "old worker deregistered",
+            poll_s=POLL_S,
+        )
         in_flight_at_drain = streams.issued - len(streams.results) - len(streams.errors)
         (new,) = cluster.workers("decode")
     finally:
@@ -156,7 +177,9 @@ def test_decode_redeploy_drains_the_old_worker_without_failing_streams(cluster: 
     after = generate(cluster.endpoint, "And then?", 8, ignore_eos=True)
     assert after.route is not None and after.route.decode_worker == new
     # serve.status() can show the replica UPDATING for a moment after reconfigure() returned
-    wait_until(lambda: cluster.replicas("DecodeWorker") == (1, 1), 60, "one running replica")
+    wait_until(
+        lambda: cluster.replicas("DecodeWorker") == (1, 1), 60, "one running replica", poll_s=POLL_S
+    )
 
 
 def _decoding(cluster: Cluster, worker_id: str) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.grpc_server import wait_healthy
+from common.launch import ChildProcess, child_env
 from tests.integration.deploy_helpers import (
     generate,
     load_default,
@@ -28,37 +29,35 @@ from tests.integration.deploy_helpers import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PDSERVE = Path(sys.executable).with_name("pdserve")
+READY_PREFIX = "serving gRPC on "  # what `pdserve up` prints on stdout once it serves
 
 
 class UpProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], out: Path, log: Path) -> None:
-        self.proc = proc
-        self.out = out
-        self.log = log
+    """`pdserve up` as a :class:`ChildProcess` (its own process group: a terminal's
+    Ctrl-C target); its stderr is the log."""
+
+    def __init__(self, child: ChildProcess) -> None:
+        self.child = child
         self.endpoint = ""
         self.ray_address = ""
         self.tree: dict[int, str] = {}  # its process tree once ready (for the teardown)
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"pdserve up exited {self.proc.returncode}:\n{self.stderr()}")
-            for line in self.out.read_text().splitlines():
-                if line.startswith("serving gRPC on "):
-                    self.endpoint = line.removeprefix("serving gRPC on ").strip()
-            if self.endpoint:
-                self.tree = process_tree(self.proc.pid)
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"pdserve up not ready after {timeout_s}s:\n{self.stderr()}")
+        try:
+            self.endpoint = self.child.wait_for_line(_endpoint, timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"pdserve up did not come up: {exc}")
+        self.tree = process_tree(self.child.pid)
         for line in self.stderr().splitlines():
             if line.startswith("pdserve up: ray "):
                 self.ray_address = line.split()[3]
 
     def stderr(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.child.log_tail(chars=None)
+
+
+def _endpoint(line: str) -> str | None:
+    return line.removeprefix(READY_PREFIX).strip() if line.startswith(READY_PREFIX) else None
 
 
 @pytest.fixture
@@ -66,25 +65,16 @@ def up(tmp_path: Path) -> Iterator[UpProcess]:
     data = load_default()
     small_workers(data)
     config = write_config(data, tmp_path / "serve.yaml")
-    out, log = tmp_path / "up.out", tmp_path / "up.err"
-    with out.open("wb") as stdout, log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [str(PDSERVE), "up", "--config", str(config), "--port", "0"],
-            stdout=stdout,
-            stderr=stderr,
-            start_new_session=True,  # its own process group: a terminal's Ctrl-C target
-        )
-    handle = UpProcess(proc, out, log)
+    child = ChildProcess(
+        [str(PDSERVE), "up", "--config", str(config), "--port", "0"],
+        tmp_path / "up.err",
+        child_env(threads=None),
+    )
+    handle = UpProcess(child)
     try:
         yield handle
     finally:
-        if proc.poll() is None:  # the test failed before its own Ctrl-C
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        child.terminate(signal.SIGINT, grace_s=90)  # if the test failed before its Ctrl-C
         # Never leave our Ray node or Redis behind: kill what is left of *its* tree.
         for line in survivors(handle.tree):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
@@ -122,13 +112,13 @@ def test_up_serves_then_ctrl_c_leaves_nothing_behind(up: UpProcess) -> None:
     for expected in ("PrefillWorker", "DecodeWorker", "Router", "prefill-", "decode-", "TTFT"):
         assert expected in status.stdout, status.stdout
 
-    tree = up.tree = process_tree(up.proc.pid)
+    tree = up.tree = process_tree(up.child.pid)
     names = " ".join(Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree)
     for expected in ("raylet", "gcs_server", "redis-server"):
         assert expected in names, names
 
-    os.killpg(up.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    assert up.proc.wait(timeout=120) == 0, up.stderr()
+    up.child.signal(signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert up.child.wait_exit(120) == 0, up.stderr()
     deadline = time.monotonic() + 30
     while survivors(tree) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -22,7 +22,7 @@ from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
 from kv_transfer.segments import plan_frames
 from kv_transfer.sender import TorchDistSender
 from kv_transfer.torch_dist import Link
-from kv_transfer.transfer import Transfer
+from kv_transfer.transfer import SendTransfer, Transfer
 from kv_transfer.types import (
     RecvSpec,
     SendSpec,
@@ -100,6 +100,12 @@ def _pair(
     return st, rt
 
 
+def _mark_all_ready(st: SendTransfer) -> None:
+    """What a layer-wise prefill does as it computes its layers, all at once."""
+    for layer in range(st.ready_layers, st.num_layers):
+        st.mark_layer_ready(layer)
+
+
 def _landed(sender, receiver, st, rt) -> bool:
     return torch.equal(
         sender.cache.gather(torch.tensor(st.block_ids)),
@@ -131,7 +137,7 @@ def test_many_pairs_in_one_process_concurrently(receiver: TorchDistReceiver) -> 
             for i, s in enumerate(senders)
         ]
         for _, st, _ in started:
-            st.mark_all_ready()
+            _mark_all_ready(st)
         for s, st, rt in started:
             assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
             assert _landed(s, receiver, st, rt)
@@ -159,7 +165,7 @@ def test_cancel_of_a_queued_transfer_reaches_the_receiver(sender, receiver) -> N
     st1, rt1 = _pair(sender, receiver, ledger, "first", [0, 1], [2, 3], TransferMode.LAYERWISE)
     st2, rt2 = _pair(sender, receiver, ledger, "queued", [4, 5], [6, 7])
     assert st2.abort("prefill failed")  # still queued behind the stalled layer-wise one
-    st1.mark_all_ready()
+    _mark_all_ready(st1)
     assert rt2.wait(SETTLE) is TransferState.FAILED
     assert isinstance(rt2.error, TransferAborted) and rt2.error.by_peer
     assert st1.wait(SETTLE) is TransferState.DONE and rt1.wait(SETTLE) is TransferState.DONE
@@ -324,7 +330,7 @@ def test_direct_pieces_land_bit_exact_and_nowhere_else(
     try:
         for i in range(2):  # the second one reuses the pair and its buffers
             st, rt = _pair(sender, receiver, ledger, f"t{i}", src, dst, mode)
-            st.mark_all_ready()
+            _mark_all_ready(st)
             assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
             assert _landed(sender, receiver, st, rt) and rt.layers_landed == LAYOUT.num_layers
         others = [b for b in range(LAYOUT.num_blocks) if b not in dst]
@@ -437,7 +443,7 @@ def test_sender_abort_with_pieces_in_flight_never_ships_reused_blocks(order: str
             rt = receiver.expect(RecvSpec(f"s{attempt}", dst), lambda _: None)
             st = sender.send(SendSpec(f"s{attempt}", receiver.address, src), reuse)
             deadline = time.monotonic() + SETTLE
-            while st.metrics is None and st._bytes < (attempt + 1) * (2 << 20):
+            while st.metrics is None and st.control.bytes_moved < (attempt + 1) * (2 << 20):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.0002)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.loadgen.driver import LoadSpec
-from benchmarks.loadgen.experiment import RunSpec, run_experiment
-from benchmarks.loadgen.stack import OurStack, TransformersServe, disaggregated
-from benchmarks.loadgen.workload import WorkloadSpec
+from loadgen.driver import LoadSpec
+from loadgen.experiment import RunSpec, run_experiment
+from loadgen.stack import OurStack, TransformersServe, disaggregated
+from loadgen.workload import WorkloadSpec
 from router.tokenizer import ModelTokenizer
 
 pytestmark = pytest.mark.slow

@@ -13,10 +13,10 @@ import uuid
 import pytest
 
 from common.hashing import ROOT_HASH
-from common.heartbeat import Heartbeat
 from common.kv_events import AllBlocksCleared, BlockEvicted, BlockStored
 from common.registry import Registry, SyncRegistryReader
 from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
+from worker.heartbeat import Heartbeat
 
 TTL_S = 0.5
 

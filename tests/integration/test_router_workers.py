@@ -25,10 +25,10 @@ import grpc
 import pytest
 import yaml
 
+from common.server_process import RouterProcess
 from engine import LLM, SamplingParams
 from proto import serving_pb2
 from router.client import build_request, collect, stream_generate
-from tests.integration.router_helpers import RouterProcess
 from tests.integration.workers_harness import (
     SMALL_ENGINE,
     WorkerProcess,

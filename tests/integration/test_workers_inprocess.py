@@ -1,10 +1,12 @@
 """The decode and prefill request lifecycles in one process: real model and engines, the
 fake KV transport, the Prefill RPC replaced by a direct call.
 
-Deterministic where the process tests cannot be: whole and layer-wise sends, a
-cancellation in each queue (prealloc, transfer, running), transfer failures injected
-mid-way, admission order and deadlines. Every test ends with both engines holding no
-referenced block.
+Both apps are built by their role's wiring function, as in a worker process, with the
+fakes injected: ``FakeNetwork`` for the KV transport, ``FakePrefillClient`` for the
+Prefill call. Deterministic where the process tests cannot be: whole and layer-wise
+sends, a cancellation in each queue (prealloc, transfer, running), transfer failures
+injected mid-way, admission order and deadlines. Every test ends with both engines
+holding no referenced block.
 """
 
 from __future__ import annotations
@@ -17,22 +19,26 @@ from dataclasses import dataclass
 
 import pytest
 
+from common.errors import ErrorCode, RequestError
 from common.metrics import Metrics
-from common.worker_config import PrefillFailurePolicy
-from common.worker_runtime import ErrorKind, RequestError
-from decode_worker.decode import DecodePolicy, Decoder
-from decode_worker.job import DecodeJob, PrefillTarget, TokenDelta
-from decode_worker.prefill_client import PrefillCall, PrefillClient, PrefillFailed, PrefillOutcome
-from decode_worker.stats import DecodeStats
+from common.worker_info import WorkerRole
+from decode_worker.decode import Decoder
+from decode_worker.prefill_client import PrefillFailed
+from decode_worker.prefill_fake import FakePrefillClient
+from decode_worker.wiring import build_decode_app
+from decode_worker.worker import DecodeApp
 from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from kv_transfer.errors import PeerLost
 from kv_transfer.fake import FakeNetwork
-from kv_transfer.types import TransferConfig
-from prefill_worker.prefill import Prefiller, PrefillJob
-from prefill_worker.sends import SendTracker
-from prefill_worker.stats import PrefillStats
+from kv_transfer.types import PeerAddress, TransferConfig
+from messages.decode import DecodeJob, PrefillTarget, TokenDelta
+from messages.prefill import PrefillJob
+from prefill_worker.prefill import Prefiller
+from prefill_worker.wiring import build_prefill_app
+from prefill_worker.worker import PrefillApp
+from worker.config import PrefillFailurePolicy, WorkerConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -57,46 +63,33 @@ def engines() -> Engines:
     return Engines(reference.engine, LLM(num_kv_blocks=64, num_threads=1).engine, expected)
 
 
-class DirectPrefill(PrefillClient):
-    """The Prefill RPC as a plain await; optionally held at a gate, or failing."""
-
-    def __init__(self, prefiller: Prefiller) -> None:
-        super().__init__()
-        self.prefiller = prefiller
-        self.gate: asyncio.Event | None = None
-        self.failure: PrefillFailed | None = None
-
-    async def prefill(self, address: str, call: PrefillCall, timeout_s: float) -> PrefillOutcome:
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.failure is not None:
-            raise self.failure
-        job = PrefillJob(
-            call.request_id,
-            call.prompt,
-            call.params,
-            call.transfer_id,
-            call.kv_address,
-            call.num_blocks,
-            call.layer_wise,
-            time.monotonic() + timeout_s,
-        )
-        try:
-            r = await self.prefiller.run(job)
-        except RequestError as exc:
-            raise PrefillFailed(exc.kind.value, str(exc)) from None
-        return PrefillOutcome(r.first_token, r.cached_tokens, r.kv_bytes, r.transfer_seconds)
-
-
 @dataclass
 class Rig:
-    decoder: Decoder
-    prefiller: Prefiller
-    client: DirectPrefill
+    decode: DecodeApp
+    prefill: PrefillApp
+    client: FakePrefillClient
     network: FakeNetwork
-    decode_engine: AsyncEngine
-    prefill_engine: AsyncEngine
-    receiver_address: object
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.decode.decoder
+
+    @property
+    def prefiller(self) -> Prefiller:
+        return self.prefill.prefiller
+
+    @property
+    def decode_engine(self) -> AsyncEngine:
+        return self.decode.engine
+
+    @property
+    def prefill_engine(self) -> AsyncEngine:
+        return self.prefill.engine
+
+    @property
+    def receiver_address(self) -> PeerAddress:
+        assert self.decode.receiver is not None
+        return self.decode.receiver.address
 
     async def used(self) -> tuple[int, int]:
         return (
@@ -110,7 +103,7 @@ class Rig:
             assert time.monotonic() < deadline, f"blocks still used (decode, prefill): {used}"
             await asyncio.sleep(0.02)
         assert self.decoder.active == 0 and self.prefiller.active == 0
-        assert self.prefiller._sends.tracked == 0
+        assert self.prefill.sends.tracked == 0
 
 
 @contextlib.asynccontextmanager
@@ -123,33 +116,34 @@ async def rig(
     prefill_timeout_s: float = 10.0,
 ) -> AsyncIterator[Rig]:
     network = FakeNetwork(chunk_delay_s)
-    model = engines.decode.model_config.name
-    receiver = network.receiver(engines.decode.kv_cache, model, TRANSFER)
-    sender = network.sender(engines.prefill.kv_cache, model, TRANSFER)
-    holder: list[AsyncEngine] = []
-    sends = SendTracker(
-        sender,
-        engines.prefill.model_config.num_layers,
-        lambda rid: holder[0].submit(lambda e: e.abort(rid)),
+    prefill = build_prefill_app(
+        WorkerConfig(role=WorkerRole.PREFILL, kv_transfer=TRANSFER),
+        "prefill-0",
+        Metrics(),
+        engine=engines.prefill,
+        make_sender=network.sender,
     )
-    prefill_engine = AsyncEngine(engines.prefill, after_layer=sends.after_layer)
-    holder.append(prefill_engine)
-    decode_engine = AsyncEngine(engines.decode)
-    prefiller = Prefiller(prefill_engine, sends, PrefillStats(Metrics()))
-    client = DirectPrefill(prefiller)
-    policy_ = DecodePolicy("decode-0", prefill_timeout_s, policy, layer_wise)
-    decoder = Decoder(policy_, decode_engine, receiver, client, DecodeStats(Metrics()))
-    prefill_engine.start()
-    decode_engine.start()
+    client = FakePrefillClient(prefill.prefiller.run)
+    decode_config = WorkerConfig(
+        role=WorkerRole.DECODE,
+        prefill_timeout_s=prefill_timeout_s,
+        on_prefill_failure=policy,
+        layer_wise=layer_wise,
+        kv_transfer=TRANSFER,
+    )
+    decode = build_decode_app(
+        decode_config,
+        "decode-0",
+        Metrics(),
+        engine=engines.decode,
+        make_receiver=network.receiver,
+        prefill=client,
+    )
     try:
-        yield Rig(
-            decoder, prefiller, client, network, decode_engine, prefill_engine, receiver.address
-        )
+        yield Rig(decode, prefill, client, network)
     finally:
-        receiver.close()
-        sender.close()
-        decode_engine.stop()
-        prefill_engine.stop()
+        await decode.close()
+        await prefill.close()
 
 
 def job(i: int, prefill: PrefillTarget | None = TARGET, **kwargs: object) -> DecodeJob:
@@ -221,7 +215,7 @@ def test_cancel_in_each_queue_frees_both_sides(engines: Engines) -> None:
             # transfer, while the prefill engine computes (no send started yet)
             await cancel_when(r, 1, lambda: r.prefiller.active == 1, "prefill running")
             # transfer, while the KV is on the (slowed-down) wire
-            await cancel_when(r, 2, lambda: r.prefiller._sends.in_flight == 1, "KV on the wire")
+            await cancel_when(r, 2, lambda: r.prefill.sends.in_flight == 1, "KV on the wire")
             # running: after two tokens
             deltas: list[TokenDelta] = []
             stream = r.decoder.run(job(3))
@@ -246,7 +240,7 @@ def test_transfer_failure_mid_way(engines: Engines, policy: PrefillFailurePolicy
             if policy is PrefillFailurePolicy.FAIL:
                 with pytest.raises(RequestError) as info:
                     await collect(r.decoder, job(2))
-                assert info.value.kind is ErrorKind.UNAVAILABLE
+                assert info.value.code is ErrorCode.UNAVAILABLE
             else:
                 deltas = await collect(r.decoder, job(2))
                 assert tokens(deltas) == engines.expected[2]
@@ -279,13 +273,13 @@ def test_admission_order_capacity_and_deadline(engines: Engines) -> None:
             huge = DecodeJob("huge", tuple([7] * 1100), GREEDY, TARGET)
             with pytest.raises(RequestError) as info:
                 await collect(r.decoder, huge)
-            assert info.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+            assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
             # Waiting for blocks past the deadline.
             hog = await r.decode_engine.call(lambda e: e.reserve_blocks(62))
             late = job(5, deadline=time.monotonic() + 0.3)
             with pytest.raises(RequestError) as info:
                 await collect(r.decoder, late)
-            assert info.value.kind is ErrorKind.DEADLINE_EXCEEDED
+            assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
             # FIFO: the big request queued first is served first once blocks free up.
             order: list[str] = []
 
@@ -314,7 +308,7 @@ def test_prefill_side_rejects_a_wrong_block_count(engines: Engines) -> None:
             bad = PrefillJob("x", tuple(PROMPTS[0]), GREEDY, "t", str(r.receiver_address), 9, True)
             with pytest.raises(RequestError) as info:
                 await r.prefiller.run(bad)
-            assert info.value.kind is ErrorKind.INVALID_ARGUMENT
+            assert info.value.code is ErrorCode.INVALID_ARGUMENT
             await r.assert_no_blocks_held()
 
     run(scenario)

@@ -1,22 +1,14 @@
-"""Worker processes for the tests: start, wait until ready, talk to, and always kill.
+"""Worker processes for the tests, and thin synchronous gRPC clients to talk to them.
 
-:class:`WorkerProcess` runs ``python -m prefill_worker`` / ``python -m decode_worker`` in
-its own process group, parses the ready line, waits for gRPC health and kills the whole
-group on :meth:`kill`. Every wait is bounded, so a broken worker fails a test instead of
-hanging it. The helpers below are thin synchronous gRPC clients.
+The processes are :class:`common.server_process.WorkerProcess`, the launcher the tests,
+the benchmarks and the load generator share: ``python -m prefill_worker`` / ``python -m
+decode_worker`` in its own process group, ready line parsed, gRPC health awaited, the
+whole group killed on ``kill()``. Every wait is bounded, so a broken worker fails a test
+instead of hanging it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,106 +16,24 @@ from pathlib import Path
 
 import grpc
 
-from common.grpc_server import wait_healthy
+from common import server_process
+from common.launch import wait_until
+from common.server_process import WorkerProcess, WorkerSpec
+from messages.status import WorkerStatus
+from messages.status_proto import status_from_proto
 from proto import worker_pb2, worker_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
-READY = re.compile(r"^(\w+) worker (\S+) serving gRPC on (\S+) kv (\S+) metrics (\S+)$")
 # Small engines, one thread each: several workers and the test share two cores.
 SMALL_ENGINE = ("--num-kv-blocks", "256", "--num-threads", "1", "--max-num-seqs", "32")
 
 
-class WorkerProcess:
-    def __init__(self, module: str, args: Sequence[str], log_dir: Path, name: str) -> None:
-        self.module = module
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "GLOO_SOCKET_IFNAME": "lo",
-            "OMP_NUM_THREADS": "1",
-            "PDSERVE_CACHE_DIR": os.environ.get("PDSERVE_CACHE_DIR", str(REPO / ".cache")),
-        }
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--worker-id", name, *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,  # its own process group: kill() takes its children too
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.worker_id = ""
-        self.grpc_address = ""
-        self.kv_address = ""
-        self.metrics_address = ""
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def wait_ready(self, timeout_s: float = 120.0) -> WorkerProcess:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.name} not ready in {timeout_s}s:\n{self.log()}")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}):\n{self.log()}")
-            match = READY.match(line)
-            if match:
-                _, self.worker_id, self.grpc_address, self.kv_address, self.metrics_address = (
-                    match.groups()
-                )
-                wait_healthy(self.grpc_address, timeout_s=max(deadline - time.monotonic(), 1))
-                return self
-
-    def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-
-    def wait_exit(self, timeout_s: float) -> int:
-        return self.proc.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self._log.close()
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-4000:]
-
-    def target(self) -> worker_pb2.PrefillTarget:
-        return worker_pb2.PrefillTarget(worker_id=self.worker_id, grpc_address=self.grpc_address)
-
-
 def start_workers(
-    specs: Sequence[tuple[str, str, Sequence[str]]], log_dir: Path
+    specs: Sequence[tuple[str, str, Sequence[str]]], log_dir: Path, timeout_s: float = 120.0
 ) -> list[WorkerProcess]:
     """Start ``(module, name, args)`` workers together (model loads overlap), then wait."""
-    workers = [WorkerProcess(module, args, log_dir, name) for module, name, args in specs]
-    try:
-        for worker in workers:
-            worker.wait_ready()
-    except BaseException:
-        for worker in workers:
-            worker.kill()
-        raise
-    return workers
+    return server_process.start_workers(
+        [WorkerSpec(module, name, tuple(args)) for module, name, args in specs], log_dir, timeout_s
+    )
 
 
 # ---- clients ---------------------------------------------------------------------------------
@@ -152,7 +62,11 @@ def decode_request(
         request_id=request_id,
         token_ids=list(prompt),
         sampling=sampling,
-        prefill=prefill.target() if prefill is not None else None,
+        prefill=(
+            worker_pb2.PrefillTarget(worker_id=prefill.worker_id, grpc_address=prefill.grpc_address)
+            if prefill is not None
+            else None
+        ),
     )
 
 
@@ -179,10 +93,11 @@ def decode(
     return result
 
 
-def status(channel: grpc.Channel) -> worker_pb2.WorkerStatus:
-    return worker_pb2_grpc.WorkerControlStub(channel).GetStatus(
+def status(channel: grpc.Channel) -> WorkerStatus:
+    reply = worker_pb2_grpc.WorkerControlStub(channel).GetStatus(
         worker_pb2.GetStatusRequest(), timeout=10
     )
+    return status_from_proto(reply)
 
 
 def scrape(worker: WorkerProcess) -> str:
@@ -199,17 +114,9 @@ def metric(worker: WorkerProcess, series: str) -> float:
     return 0.0
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def wait_idle(channel: grpc.Channel, timeout_s: float = 20.0) -> worker_pb2.WorkerStatus:
+def wait_idle(channel: grpc.Channel, timeout_s: float = 20.0) -> WorkerStatus:
     """Wait until a worker holds no referenced blocks and runs nothing; its final status."""
-    last: list[worker_pb2.WorkerStatus] = []
+    last: list[WorkerStatus] = []
 
     def idle() -> bool:
         s = status(channel)
@@ -218,6 +125,6 @@ def wait_idle(channel: grpc.Channel, timeout_s: float = 20.0) -> worker_pb2.Work
 
     try:
         wait_until(idle, timeout_s, "an idle worker")
-    except AssertionError as exc:
+    except TimeoutError as exc:
         raise AssertionError(f"{exc}; last status: {last[0] if last else None}") from None
     return last[0]

@@ -12,14 +12,16 @@ import random
 
 import pytest
 
-from benchmarks.loadgen.driver import LoadSpec, RunRecords, drive, poisson_arrivals
-from benchmarks.loadgen.oracle import best_hits
-from benchmarks.loadgen.record import ChatRequest, RequestRecord
-from benchmarks.loadgen.report import markdown, write_report
-from benchmarks.loadgen.summary import Slo, distribution, hit_ratio, summarize
-from benchmarks.loadgen.targets import OpenAITarget, _read_event, open_target
-from benchmarks.loadgen.workload import WORKLOAD_KINDS, Session, TextFactory, Turn, WorkloadSpec
-from benchmarks.loadgen.workload import build as build_workload
+from loadgen.driver import LoadSpec, RunRecords, drive, poisson_arrivals
+from loadgen.oracle import best_hits
+from loadgen.record import ChatRequest, RequestRecord
+from loadgen.report import disagg_table, markdown, write_report
+from loadgen.stack import DISAGG_CONFIGS
+from loadgen.suite import disagg_goals
+from loadgen.summary import Slo, distribution, hit_ratio, summarize
+from loadgen.targets import OpenAITarget, _read_event, open_target
+from loadgen.workload import WORKLOAD_KINDS, Session, TextFactory, Turn, WorkloadSpec
+from loadgen.workload import build as build_workload
 from router.tokenizer import ModelTokenizer
 
 
@@ -240,6 +242,22 @@ def test_goodput_counts_only_requests_within_every_slo() -> None:
     assert loose["throughput_req_s"] == pytest.approx(2.0)
 
 
+def test_summary_splits_groups_and_counts_stalls() -> None:
+    short = _record(0.0, [0.2, 0.3, 0.9, 3.1])  # gaps 0.1, 0.6 (a stall), 2.2 (a long one)
+    short.group = "short"
+    long = _record(0.5, [2.5, 2.6])
+    long.group = "long"
+    long.scheduled_s = 0.25  # sent 250 ms late
+    long.chunk_tokens[1] = 3  # one chunk carried three tokens
+    summary = summarize([short, long], 3.2, Slo())
+    assert summary["itl_gaps_over"] == {">500ms": 2, ">2000ms": 1}
+    assert summary["coalesced_chunks"] == 1
+    assert summary["send_lag_ms"]["max"] == pytest.approx(250.0)
+    assert summary["groups"].keys() == {"long", "short"}
+    assert summary["groups"]["long"]["ttft_ms"]["p50"] == pytest.approx(2000.0)
+    assert summary["groups"]["short"]["itl_ms"]["n"] == 3
+
+
 def test_hit_ratio_uses_only_reported_usage() -> None:
     records = [_record(0, [1], cached=50), _record(0, [1], cached=0), _record(0, [1], cached=None)]
     assert hit_ratio(records) == pytest.approx(0.25)
@@ -370,3 +388,30 @@ def test_report_writes_markdown_json_and_plots(tmp_path) -> None:  # type: ignor
     assert json.loads((tmp_path / "results.json").read_text())["scenarios"].keys() == {
         "disagg", "routing"
     }  # fmt: skip
+
+
+def test_disagg_goals_and_side_by_side_table() -> None:
+    runs = [_result(label, "mixed_long", rate) for label in ("disaggregated", "colocated",
+            "colocated-256") for rate in (0.5, 1.0)]  # fmt: skip
+    runs[0]["summary"]["itl_ms"]["p99"] = 100.0  # disaggregated at 0.5/s
+    runs[2]["summary"]["itl_ms"]["p99"] = 400.0  # colocated
+    runs[4]["summary"]["itl_ms"]["p99"] = 250.0  # colocated-256
+    goals = disagg_goals(runs, 0.5)
+    assert goals["p99_itl_ratio"] == 0.25 and goals["p99_itl_met"] is True
+    assert goals["p99_itl_ratio_vs"] == {"colocated": 0.25, "colocated-256": 0.4}
+    assert goals["max_rate_meeting_slo"].keys() == {"disaggregated", "colocated", "colocated-256"}
+    table = disagg_table({"runs": runs, "goals": goals})
+    assert table[0] == "At 0.5 req/s:"
+    assert table[2].startswith("| metric | disaggregated | colocated | colocated-256 |")
+    assert "| ITL p99 ms | 100 | 400 | 250 | 0.25 | 0.4 |" in table
+    assert disagg_table({"runs": runs[2:], "goals": goals}) == []  # no disaggregated run
+
+
+def test_disagg_configurations_differ_in_one_setting() -> None:
+    specs = {name: build() for name, build in DISAGG_CONFIGS.items()}
+    assert {name: spec.name for name, spec in specs.items()} == {n: n for n in specs}
+    flags = {name: [" ".join(w.args) for w in spec.workers] for name, spec in specs.items()}
+    assert all("--max-num-batched-tokens 1024" in f for f in flags["colocated"])
+    assert all("--max-num-batched-tokens 256" in f for f in flags["colocated-256"])
+    assert all("--kv-cache-order page_first" in f for f in flags["disaggregated-page-first"])
+    assert "--on-prefill-failure fail" in flags["disaggregated"][1]

@@ -38,11 +38,12 @@ def test_yaml_layout(tmp_path: Path) -> None:
     path.write_text(YAML)
     config = RouterConfig.from_yaml(path, port=1234)
     assert config.port == 1234 and config.redis_url == "redis://127.0.0.1:1/0"
-    assert [p.name for p in config.pools] == ["code", "chat"]
-    assert config.pool("code").policy is Policy.ROUND_ROBIN
-    assert config.pool("code").load_weight == 0.5
-    assert config.pool("chat").model == DEFAULT_MODEL_NAME
-    assert config.pool("chat").max_model_len == 2048
+    code_pool, chat_pool = config.pools
+    assert (code_pool.name, chat_pool.name) == ("code", "chat")
+    assert code_pool.policy is Policy.ROUND_ROBIN
+    assert code_pool.load_weight == 0.5
+    assert chat_pool.model == DEFAULT_MODEL_NAME
+    assert chat_pool.max_model_len == 2048
     assert config.default_pool == "chat"
     code, chitchat = config.semantic.routes
     assert code.utterances == ("How do I sort a list in Python?", "Fix this stack trace")
@@ -54,9 +55,9 @@ def test_yaml_layout(tmp_path: Path) -> None:
 
 def test_defaults_serve_one_default_pool() -> None:
     config = RouterConfig()
-    assert [p.name for p in config.pools] == ["default"]
-    assert config.default_pool == "default"
-    assert config.pool("default").policy is Policy.PREFIX_AWARE
+    (pool,) = config.pools
+    assert pool.name == "default" and config.default_pool == "default"
+    assert pool.policy is Policy.PREFIX_AWARE
     assert not config.semantic.routes
     assert RouterConfig.from_mapping({"pools": [{"name": "a"}, {"name": "b"}]}).default_pool == "a"
 

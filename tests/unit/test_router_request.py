@@ -9,17 +9,10 @@ import sys
 
 import pytest
 
+from common.errors import ErrorCode, RequestError
+from router.api import ChatMessage, GenerateInput, SamplingSpec
 from router.config import LimitsConfig
-from router.request import (
-    ChatMessage,
-    ErrorCode,
-    GenerateInput,
-    RequestError,
-    SamplingSpec,
-    check_input,
-    finalize,
-    tokenize,
-)
+from router.request import check_input, finalize, tokenize
 from router.tokenizer import ModelTokenizer, default_model_dir
 
 LIMITS = LimitsConfig(max_request_chars=1000, max_messages=4, default_max_tokens=32)
@@ -126,7 +119,7 @@ def test_model_facts(tok: ModelTokenizer) -> None:
     assert tok.facts.vocab_size == 49152
     assert tok.facts.context_len == 8192
     assert 2 in tok.facts.eos_token_ids
-    assert tok.has_chat_template
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}])  # it has a template
 
 
 def test_the_router_does_not_import_torch() -> None:

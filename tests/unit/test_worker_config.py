@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from common.worker_config import (
+from common.worker_info import WorkerRole
+from worker.config import (
     PrefillFailurePolicy,
     WorkerConfig,
     build_parser,
     config_from_args,
 )
-from common.worker_info import WorkerRole
 
 YAML = """
 role: decode

@@ -88,10 +88,12 @@ def test_geometry_round_trip_and_block_bytes() -> None:
     assert BlockGeometry.from_json(g.to_json()) == g
     # Default model, fp32: 45 KiB per token (DESIGN.md), 16 tokens per block.
     assert g.block_bytes == 45 * 1024 * 16
-    assert g.transfer_compatible(geometry(num_blocks=4))
-    assert not g.transfer_compatible(geometry(block_size=32))
-    assert not g.transfer_compatible(geometry(dtype="float16"))
-    assert not g.transfer_compatible(geometry(order="page_first"))
+    assert g.mismatch(geometry(num_blocks=4)) is None  # capacity may differ
+    assert g.mismatch(geometry(block_size=32)) == "block_size: we 16, peer 32"
+    assert g.mismatch(geometry(dtype="float16")) == "dtype: we 'float32', peer 'float16'"
+    assert g.mismatch(geometry(order="page_first"), "receiver", "sender") == (
+        "order: receiver 'layer_first', sender 'page_first'"
+    )
     legacy = {k: v for k, v in geometry(order="layer_first").to_dict().items() if k != "order"}
     assert BlockGeometry.from_dict(legacy) == geometry(order="layer_first")
 

@@ -54,6 +54,8 @@ def markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         lines += ["## Runs", "", *run_table(results["runs"]), ""]
     for name, scenario in results.get("scenarios", {}).items():
         lines += [f"## {name}", "", *run_table(scenario.get("runs", [])), ""]
+        if name == "disagg":
+            lines += [*disagg_table(scenario), ""]
         if scenario.get("goals"):
             lines += ["Goals:", "", "```json", json.dumps(scenario["goals"], indent=1), "```", ""]
         if scenario.get("peer_error"):
@@ -77,6 +79,50 @@ def run_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     rule = "|" + "---|" * len(COLUMNS)
     rows = ["| " + " | ".join(_cell(get(r)) for _, get in COLUMNS) + " |" for r in runs]
     return [header, rule, *rows]
+
+
+DISAGG_ROWS = (  # (label, summary → value) of the side-by-side disagg table
+    ("ITL p50 ms", lambda s: s["itl_ms"]["p50"]),
+    ("ITL p90 ms", lambda s: s["itl_ms"]["p90"]),
+    ("ITL p99 ms", lambda s: s["itl_ms"]["p99"]),
+    ("ITL max ms", lambda s: s["itl_ms"]["max"]),
+    ("ITL gaps > 0.5 s", lambda s: s.get("itl_gaps_over", {}).get(">500ms")),
+    ("TTFT short p50 ms", lambda s: _group(s, "short", "ttft_ms", "p50")),
+    ("TTFT short p99 ms", lambda s: _group(s, "short", "ttft_ms", "p99")),
+    ("TTFT long p50 ms", lambda s: _group(s, "long", "ttft_ms", "p50")),
+    ("output tok/s", lambda s: s["output_tok_s"]),
+    ("goodput req/s", lambda s: s["goodput_req_s"]),
+    ("SLO met", lambda s: s["slo_attainment"]),
+    ("ok / sent", lambda s: f"{s['completed']}/{s['requests']}"),
+)
+
+
+def disagg_table(scenario: dict[str, Any]) -> list[str]:
+    """The disagg scenario at its headline rate: a column per configuration, then
+    disaggregated / each other one (< 1 is better for disaggregation on latencies)."""
+    rate = scenario.get("goals", {}).get("rate")
+    at = {r["label"]: r["summary"] for r in scenario.get("runs", []) if r.get("rate") == rate}
+    if "disaggregated" not in at:
+        return []
+    others = [label for label in at if label != "disaggregated"]
+    header = ["metric", *at, *(f"disagg / {label}" for label in others)]
+    lines = [f"At {rate:g} req/s:", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    for label, get in DISAGG_ROWS:
+        values = [get(summary) for summary in at.values()]
+        mine = get(at["disaggregated"])
+        ratios = [_ratio(mine, get(at[other])) for other in others]
+        lines.append("| " + " | ".join(_cell(v) for v in [label, *values, *ratios]) + " |")
+    return lines
+
+
+def _group(summary: dict[str, Any], group: str, key: str, field: str) -> float | None:
+    return summary.get("groups", {}).get(group, {}).get(key, {}).get(field)
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    numbers = isinstance(a, int | float) and isinstance(b, int | float)
+    return round(a / b, 2) if numbers and b else None
 
 
 def _run_name(run: dict[str, Any]) -> str:

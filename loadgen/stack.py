@@ -2,35 +2,34 @@
 
     with OurStack(disaggregated(), log_dir) as stack:      # redis + workers + router
         run_experiment(stack.url, ...)                     # grpc://127.0.0.1:PORT
+        stack.worker_status()                              # leak check once idle
     with TransformersServe(log_dir) as peer:               # `transformers serve`
         run_experiment(peer.url, RunSpec(..., model=peer.model), ...)
 
 Every worker uses one torch thread and the same engine flags, so the configurations of a
-comparison differ only in their shape (1P+1D vs 2 colocated) or the router's policy.
+comparison differ only in their shape (1P+1D vs 2 colocated), the router's policy, or the
+one setting a configuration is named after (``colocated-256``: a 256-token step budget;
+``disaggregated-page-first``: page-first KV caches). The processes are launched through
+:mod:`common.server_process` and :mod:`common.redis_process`, like the tests' and
+``pdserve up``'s.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from benchmarks._cluster import (
-    ChildProcess,
-    LocalCluster,
-    WorkerSpec,
-    start_ready,
-    worker_env,
-)
+from common.launch import ChildProcess, child_env, free_loopback_port
+from common.redis_process import RedisProcess
+from common.server_process import RouterProcess, WorkerProcess, WorkerSpec, start_workers
 from common.service import Service
-from deploy.redis_process import free_loopback_port
-
-ROUTER_READY = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,22 +56,44 @@ def engine_flags(num_kv_blocks: int = 1024, budget: int = 1024) -> tuple[str, ..
     )  # fmt: skip
 
 
-def disaggregated(num_kv_blocks: int = 1024, policy: str = "prefix_aware") -> StackSpec:
-    """One prefill worker and one decode worker (layer-wise KV transfer)."""
+def disaggregated(
+    num_kv_blocks: int = 1024, policy: str = "prefix_aware", kv_cache_order: str = ""
+) -> StackSpec:
+    """One prefill worker and one decode worker (layer-wise KV transfer). The decode
+    worker fails a request whose prefill failed (``--on-prefill-failure fail``) rather
+    than prefill it itself, so the numbers are the disaggregated path's or an error."""
     flags = engine_flags(num_kv_blocks)
-    decode = ("--prefill-timeout", "600", "--layer-wise")
+    name = "disaggregated"
+    if kv_cache_order:
+        flags = (*flags, "--kv-cache-order", kv_cache_order)
+        name = f"disaggregated-{kv_cache_order.replace('_', '-')}"
+    decode = ("--prefill-timeout", "600", "--on-prefill-failure", "fail", "--layer-wise")
     workers = (
         WorkerSpec("prefill_worker", "prefill-0", flags),
         WorkerSpec("decode_worker", "decode-0", (*flags, *decode)),
     )
-    return StackSpec("disaggregated", workers, policy)
+    return StackSpec(name, workers, policy)
 
 
-def colocated(count: int = 2, num_kv_blocks: int = 1024, policy: str = "prefix_aware") -> StackSpec:
+def colocated(
+    count: int = 2, num_kv_blocks: int = 1024, policy: str = "prefix_aware", budget: int = 1024
+) -> StackSpec:
     """``count`` workers that each prefill and decode their own requests."""
-    flags = (*engine_flags(num_kv_blocks), "--colocated")
+    flags = (*engine_flags(num_kv_blocks, budget), "--colocated")
     workers = tuple(WorkerSpec("decode_worker", f"colocated-{i}", flags) for i in range(count))
-    return StackSpec("colocated" if count > 1 else "colocated-1", workers, policy)
+    name = "colocated" if count > 1 else "colocated-1"
+    return StackSpec(name if budget == 1024 else f"{name}-{budget}", workers, policy)
+
+
+# The configurations the `disagg` scenario can compare (`pdserve bench suite --configs`).
+DISAGG_CONFIGS: dict[str, Callable[[], StackSpec]] = {
+    "disaggregated": disaggregated,
+    "colocated": colocated,
+    # smaller prefill chunks: colocated serving's own mitigation, the baseline's best shot
+    "colocated-256": lambda: colocated(budget=256),
+    # whole-block KV layout; its layer-wise sends stage every block
+    "disaggregated-page-first": lambda: disaggregated(kv_cache_order="page_first"),
+}
 
 
 def two_prefill(policy: str, prefill_kv_blocks: int, load_weight: float | None = None) -> StackSpec:
@@ -87,6 +108,49 @@ def two_prefill(policy: str, prefill_kv_blocks: int, load_weight: float | None =
     return StackSpec(policy, workers, policy, load_weight)
 
 
+class LocalCluster(Service):
+    """A private redis-server plus the given workers, all started at once (model loads
+    overlap); everything is killed on exit."""
+
+    def __init__(
+        self,
+        specs: Sequence[WorkerSpec],
+        log_dir: Path,
+        namespace: str = "pdserve-bench",
+        ready_timeout_s: float = 180.0,
+    ) -> None:
+        self.specs = list(specs)
+        self.log_dir = log_dir
+        self.namespace = namespace
+        self.ready_timeout_s = ready_timeout_s
+        self.redis = RedisProcess()
+        self.workers: dict[str, WorkerProcess] = {}
+
+    def __getitem__(self, name: str) -> WorkerProcess:
+        return self.workers[name]
+
+    def start(self) -> LocalCluster:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.redis.start()
+            extra = ("--redis-url", self.redis.url, "--namespace", self.namespace)
+            specs = [WorkerSpec(s.module, s.name, (*extra, *s.args), s.threads) for s in self.specs]
+            for worker in start_workers(specs, self.log_dir, self.ready_timeout_s):
+                self.workers[worker.spec.name] = worker
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def dead_workers(self) -> list[str]:
+        return [name for name, worker in self.workers.items() if not worker.alive()]
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.kill()
+        self.redis.stop()
+
+
 class OurStack(Service):
     """Private redis-server, the spec's workers, and ``python -m router`` with its policy."""
 
@@ -95,7 +159,7 @@ class OurStack(Service):
         self.log_dir = log_dir / spec.name
         self._timeout_s = ready_timeout_s
         self._cluster = LocalCluster(spec.workers, self.log_dir, namespace=f"bench-{spec.name}")
-        self._router: ChildProcess | None = None
+        self._router: RouterProcess | None = None
         self.url = ""
 
     def start(self) -> OurStack:
@@ -103,14 +167,12 @@ class OurStack(Service):
         try:
             config = self.log_dir / "router.yaml"
             config.write_text(yaml.safe_dump({"pools": [self._pool()]}))
-            self._router = start_ready(
-                [sys.executable, "-m", "router", "--config", str(config),
-                 "--redis-url", self._cluster.redis.url,
+            self._router = RouterProcess(
+                ["--config", str(config), "--redis-url", self._cluster.redis.url,
                  "--namespace", self._cluster.namespace, "--port", "0",
                  "--log-level", "WARNING"],
                 self.log_dir / "router.log",
-                pattern=ROUTER_READY,
-            )  # fmt: skip
+            ).wait_ready()  # fmt: skip
             self.url = f"grpc://{self._router.address}"
             wait_for_workers(self._router.address, self.spec, self._timeout_s)
         except BaseException:
@@ -129,6 +191,14 @@ class OurStack(Service):
         if self._router is not None and not self._router.alive():
             dead.append("router")
         return dead
+
+    def worker_status(self, timeout_s: float = 15.0) -> dict[str, dict[str, Any]]:
+        """Each worker's KV blocks once it runs nothing (or after ``timeout_s``): used
+        blocks on an idle worker would be a leak."""
+        return {
+            name: idle_status(worker.grpc_address, timeout_s)
+            for name, worker in self._cluster.workers.items()
+        }
 
     def stop(self) -> None:
         if self._router is not None:
@@ -152,6 +222,30 @@ def wait_for_workers(address: str, spec: StackSpec, timeout_s: float) -> None:
     raise TimeoutError(f"router at {address} sees {seen}, wants {spec.workers}")
 
 
+def idle_status(address: str, timeout_s: float) -> dict[str, Any]:
+    """A worker's ``WorkerControl.GetStatus`` once it is idle with no used block, or the
+    last one after ``timeout_s``."""
+    import grpc
+
+    from proto import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerControlStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+            idle = s.running == 0 and s.waiting == 0 and s.in_flight_transfers == 0
+            if (idle and s.used_blocks == 0) or time.monotonic() > deadline:
+                return {
+                    "idle": idle,
+                    "used_blocks": s.used_blocks,
+                    "free_blocks": s.free_blocks,
+                    "cached_blocks": s.cached_blocks,
+                    "total_blocks": s.total_blocks,
+                }
+            time.sleep(0.2)
+
+
 class TransformersServe(Service):
     """``transformers serve`` (OpenAI-compatible HTTP) on a free loopback port, one thread,
     preloading the same local model directory our workers use."""
@@ -166,18 +260,17 @@ class TransformersServe(Service):
         self.url = ""
 
     def start(self) -> TransformersServe:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         port = free_loopback_port()
         self.url = f"http://127.0.0.1:{port}"
         binary = Path(sys.executable).with_name("transformers")
         command = [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--device", "cpu", "--log-level", "warning", self.model]  # fmt: skip
-        self._proc = start_ready(
-            command,
-            self.log_dir / "serve.log",
-            probe=lambda: _http_ok(self.url + "/health"),
-            env=worker_env(self._threads),
-        )
+        self._proc = ChildProcess(command, self.log_dir / "serve.log", child_env(self._threads))
+        try:
+            self._proc.wait_for(lambda: _http_ok(self.url + "/health"), 180.0, "GET /health")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

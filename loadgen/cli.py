@@ -3,6 +3,7 @@
     pdserve bench run --target grpc://127.0.0.1:50051 --workload shared_prefix --rate 2
     pdserve bench run --target http://127.0.0.1:8000 --model NAME --concurrency 4
     pdserve bench suite [--quick] [--only disagg,routing,peer] [--out DIR]
+                        [--configs disaggregated,colocated,colocated-256,...]
     pdserve bench report DIR/results.json [--out DIR]
 
 Each writes ``results.json``, ``report.md`` and the PNG plots into ``--out`` (default
@@ -19,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen.workload import WORKLOAD_KINDS, WorkloadSpec
+from loadgen.workload import WORKLOAD_KINDS, WorkloadSpec
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "e2e"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "e2e"
 _WORKLOAD_FLAGS = tuple(
     f.name
     for f in dataclasses.fields(WorkloadSpec)
@@ -67,6 +68,12 @@ def add_parser(commands: Any) -> None:
     suite = sub.add_parser("suite", help="start each configuration locally and compare")
     suite.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
     suite.add_argument("--only", default=",".join(_scenarios()), help="comma-separated")
+    suite.add_argument(
+        "--configs",
+        default=None,
+        help=f"disagg scenario's configurations, comma-separated, from {','.join(_configs())} "
+        "(default disaggregated,colocated; the goals compare those two)",
+    )
     suite.add_argument("--out", type=Path, default=None)
     suite.add_argument("--log-dir", type=Path, default=None, help="keep server logs here")
     suite.set_defaults(handler=_suite)
@@ -78,9 +85,15 @@ def add_parser(commands: Any) -> None:
 
 
 def _scenarios() -> tuple[str, ...]:
-    from benchmarks.loadgen.suite import SCENARIOS
+    from loadgen.suite import SCENARIOS
 
     return SCENARIOS
+
+
+def _configs() -> tuple[str, ...]:
+    from loadgen.stack import DISAGG_CONFIGS
+
+    return tuple(DISAGG_CONFIGS)
 
 
 def _number(name: str) -> type:
@@ -94,9 +107,9 @@ def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from benchmarks.loadgen.driver import LoadSpec
-    from benchmarks.loadgen.experiment import RunSpec, run_experiment
-    from benchmarks.loadgen.summary import Slo
+    from loadgen.driver import LoadSpec
+    from loadgen.experiment import RunSpec, run_experiment
+    from loadgen.summary import Slo
     from router.tokenizer import ModelTokenizer
 
     try:
@@ -129,8 +142,8 @@ def _ignore_eos(args: argparse.Namespace) -> bool:
 
 
 def _suite(args: argparse.Namespace) -> int:
-    from benchmarks._cluster import exit_on_signals
-    from benchmarks.loadgen.suite import Plan, run_suite
+    from common.launch import exit_on_signals
+    from loadgen.suite import Plan, run_suite
     from router.tokenizer import ModelTokenizer
 
     scenarios = [s for s in args.only.split(",") if s]
@@ -139,6 +152,13 @@ def _suite(args: argparse.Namespace) -> int:
         print(f"pdserve bench suite: unknown scenario(s) {sorted(unknown)}", file=sys.stderr)
         return 2
     plan = Plan.quick() if args.quick else Plan()
+    if args.configs:
+        configs = tuple(c for c in args.configs.split(",") if c)
+        unknown = set(configs) - set(_configs())
+        if unknown:
+            print(f"pdserve bench suite: unknown config(s) {sorted(unknown)}", file=sys.stderr)
+            return 2
+        plan = dataclasses.replace(plan, disagg_configs=configs)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
     print(f"server logs in {log_dir}", file=sys.stderr)
     with exit_on_signals():
@@ -157,7 +177,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _finish(results: dict[str, Any], out: Path | None, default_name: str | None) -> int:
-    from benchmarks.loadgen.report import run_table, write_report
+    from loadgen.report import disagg_table, run_table, write_report
 
     target = out or RESULTS_DIR / (default_name or "report")
     paths = write_report(results, target)
@@ -166,6 +186,8 @@ def _finish(results: dict[str, Any], out: Path | None, default_name: str | None)
         runs += scenario.get("runs", [])
     print("\n".join(run_table(runs)))
     for name, scenario in results.get("scenarios", {}).items():
+        if name == "disagg":
+            print("\n".join(["", *disagg_table(scenario), ""]))
         if scenario.get("goals"):
             print(f"{name} goals: {json.dumps(scenario['goals'])}")
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -174,6 +196,6 @@ def _finish(results: dict[str, Any], out: Path | None, default_name: str | None)
 
 
 def _environment() -> dict[str, Any]:
-    from benchmarks._common import environment_info
+    from loadgen.machine import environment_info
 
     return environment_info()

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from benchmarks.loadgen.record import ChatRequest, RequestRecord
+from loadgen.record import ChatRequest, RequestRecord
 
 if TYPE_CHECKING:
     import aiohttp

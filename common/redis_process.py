@@ -1,40 +1,36 @@
-"""A private redis-server for ``pdserve up``: loopback only, no persistence, dies with us.
+"""A private redis-server: loopback only, no persistence, dies with us.
 
     with RedisProcess() as redis_server:
         redis_server.url            # redis://127.0.0.1:PORT/0
 
-It runs in its own session, so a Ctrl-C in the terminal reaches ``pdserve up`` (which
-stops it in order, after the app has drained) rather than the registry under a draining
-app; and with ``PR_SET_PDEATHSIG``, so it cannot outlive a ``pdserve up`` that was
-killed outright. Picking a free port and binding it are two steps (the machine may be
-shared), so start() retries on a fresh port.
+``pdserve up``, the tests and the benchmark stacks all use this one. It is a
+:class:`common.launch.ChildProcess`: its own session, so a Ctrl-C in the terminal reaches
+``pdserve up`` (which stops it in order, after the app has drained) rather than the
+registry under a draining app; and ``die_with_parent``, so it cannot outlive a parent
+that was killed outright. Picking a free port and binding it are two steps (the machine
+may be shared), so start() retries on a fresh port.
 """
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
+from common.launch import ChildProcess, free_loopback_port
 from common.service import Service
 
 INSTALL_HINT = "redis-server is not on PATH: `apt-get install redis-server` (or `make setup`)"
-_PR_SET_PDEATHSIG = 1
 
 
 class RedisProcess(Service):
     def __init__(self, startup_timeout_s: float = 10.0, attempts: int = 5) -> None:
         self._timeout_s = startup_timeout_s
         self._attempts = attempts
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.port: int | None = None
 
@@ -46,7 +42,7 @@ class RedisProcess(Service):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     def start(self) -> RedisProcess:
         binary = shutil.which("redis-server")
@@ -63,14 +59,9 @@ class RedisProcess(Service):
         raise RuntimeError("redis-server did not start:\n" + "\n".join(errors))
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        if self._child is not None:
+            self._child.terminate(grace_s=10)
+            self._child = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -88,43 +79,26 @@ class RedisProcess(Service):
             "--logfile", str(log_path),
             "--daemonize", "no",
         ]  # fmt: skip
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
+        child = ChildProcess(
+            cmd, workdir / f"redis-{port}.out", env=None, cwd=workdir, die_with_parent=True
         )
         client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + self._timeout_s
         try:
             while time.monotonic() < deadline:
-                if proc.poll() is not None:  # e.g. the port was taken between pick and bind
+                if not child.alive():  # e.g. the port was taken between pick and bind
                     log = log_path.read_text() if log_path.exists() else ""
-                    errors.append(f"port {port}: exited {proc.returncode}: {log[-500:]}")
+                    errors.append(f"port {port}: exited {child.proc.returncode}: {log[-500:]}")
+                    child.kill()
                     return False
                 try:
                     if client.ping():
-                        self._proc = proc
+                        self._child = child
                         return True
                 except redis.ConnectionError:
                     time.sleep(0.02)
         finally:
             client.close()
         errors.append(f"port {port}: no PING answer within {self._timeout_s}s")
-        proc.kill()
-        proc.wait()
+        child.kill()
         return False
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent thread exits (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (it may be taken before it is bound)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from benchmarks.loadgen.record import ChatRequest, RequestRecord
-from benchmarks.loadgen.targets import Target
-from benchmarks.loadgen.workload import Session
+from loadgen.record import ChatRequest, RequestRecord
+from loadgen.targets import Target
+from loadgen.workload import Session
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,22 +1,21 @@
 """The process around a worker: gRPC server, registry heartbeat, metrics, signals, drain.
 
 Prefill, decode and colocated workers differ in what they compute, not in how they live,
-so their ``__main__`` modules parse a config and hand it, with their role's
-:class:`WorkerApp` type, to :func:`run_worker`; :meth:`WorkerRuntime.serve` owns the
-process lifecycle::
+so their ``__main__`` modules parse a config and hand it, with their role's wiring
+function (an :data:`~worker.app.AppType`), to :func:`run_worker`;
+:meth:`WorkerRuntime.serve` owns the process lifecycle::
 
     start   gRPC server (the app's services + WorkerControl + health + reflection),
             /metrics over HTTP, registration in Redis with a heartbeat that publishes load,
             a loop that drains the app's KV events into the pool's stream
-    ready   prints one line: "<role> worker <id> serving gRPC on H:P kv H:P|- metrics H:P|-"
+    ready   prints one line (:mod:`common.ready_line`):
+            "<role> worker <id> serving gRPC on H:P kv H:P|- metrics H:P|-"
     serve   until SIGTERM / SIGINT
     drain   app refuses new work (UNAVAILABLE) → health NOT_SERVING → deregister →
             in-flight requests finish (up to drain_grace_s) → server stops → app closes
 
-Torch-free: the engine lives behind the app. Also here, because every worker shares them:
-the error kinds a request fails with (:class:`RequestError`, mapped to gRPC codes by the
-servicers), the load snapshot an app reports (:class:`WorkerSnapshot`), the recent-latency
-window behind TTFT / ITL in the load, and the ``WorkerControl.GetStatus`` servicer.
+Torch-free: the engine lives behind the app (see :mod:`worker` for the other modules of
+the process: the app contract, the ``GetStatus`` servicer, the load snapshot, the config).
 """
 
 from __future__ import annotations
@@ -29,130 +28,22 @@ import signal
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Protocol
+from collections.abc import Callable
 
-from common.grpc_server import AddServicerFn, GrpcServer
-from common.heartbeat import Heartbeat
-from common.kv_events import KVEvent
+from common.grpc_server import GrpcServer
 from common.metrics import Metrics
+from common.ready_line import format_ready
 from common.registry import Registry
-from common.worker_config import WorkerConfig
-from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
-from proto import worker_pb2, worker_pb2_grpc
+from common.worker_info import WorkerInfo, WorkerLoad, WorkerRole
+from messages.status import WorkerStatus
+from proto import worker_pb2_grpc
+from worker.app import AppType, WorkerApp
+from worker.config import WorkerConfig
+from worker.control import CONTROL_SERVICE, ControlServicer
+from worker.heartbeat import Heartbeat
+from worker.snapshot import WorkerSnapshot
 
 log = logging.getLogger(__name__)
-
-CONTROL_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
-
-
-class ErrorKind(StrEnum):
-    """Why a request failed; the servicers send the gRPC status code of the same name."""
-
-    INVALID_ARGUMENT = "invalid_argument"  # bad ids, params, lengths: the caller's fault
-    RESOURCE_EXHAUSTED = "resource_exhausted"  # can never fit this worker's KV cache
-    UNAVAILABLE = "unavailable"  # draining, or the prefill worker failed (policy "fail")
-    DEADLINE_EXCEEDED = "deadline_exceeded"
-    INTERNAL = "internal"
-
-
-class RequestError(Exception):
-    def __init__(self, kind: ErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSnapshot:
-    """A worker's load right now; cheap to take (no engine-thread round trip)."""
-
-    waiting: int  # accepted, not running yet (worker queues + engine waiting queue)
-    running: int  # in the engine's running batch
-    free_blocks: int  # allocatable now: never used, or cached and unreferenced
-    used_blocks: int  # referenced: running, reserved for a transfer, being sent
-    cached_blocks: int  # in the prefix cache (reusable), referenced or not
-    total_blocks: int
-    in_flight_transfers: int
-    queues: dict[str, int] = field(default_factory=dict)  # lifecycle queue → depth
-    queued_prefill_tokens: int = 0
-    ttft_ms_recent: float | None = None
-    itl_ms_recent: float | None = None
-
-
-class LatencyWindow:
-    """Mean of the samples of the last ``window_s`` seconds (at most ``max_samples``)."""
-
-    def __init__(self, window_s: float = 10.0, max_samples: int = 1024) -> None:
-        self._window_s = window_s
-        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
-
-    def add(self, seconds: float) -> None:
-        self._samples.append((time.monotonic(), seconds))
-
-    def mean_ms(self) -> float | None:
-        horizon = time.monotonic() - self._window_s
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
-        if not self._samples:
-            return None
-        return 1000.0 * sum(s for _, s in self._samples) / len(self._samples)
-
-
-class WorkerApp(Protocol):
-    """What a role hands the runtime: its services, its state, and how to stop it."""
-
-    role: WorkerRole
-    kv_address: str | None  # the KV receiver's host:port (decode workers only)
-    geometry: BlockGeometry
-    services: Sequence[tuple[AddServicerFn, Any]]
-    service_names: Sequence[str]
-
-    def snapshot(self) -> WorkerSnapshot:
-        """Cheap, possibly one engine step old: for heartbeats and gauges."""
-        ...
-
-    async def status(self) -> WorkerSnapshot:
-        """Exact as of the end of the current engine step: for ``GetStatus``."""
-        ...
-
-    async def take_kv_events(self) -> list[KVEvent]:
-        """Drain the prefix cache's events (the runtime publishes or drops them)."""
-        ...
-
-    def begin_drain(self) -> None:
-        """From now on refuse new requests with UNAVAILABLE."""
-        ...
-
-    def in_flight(self) -> int: ...
-
-    async def close(self) -> None: ...
-
-
-class ControlServicer(worker_pb2_grpc.WorkerControlServicer):
-    def __init__(self, runtime: WorkerRuntime) -> None:
-        self._runtime = runtime
-
-    async def GetStatus(
-        self, request: worker_pb2.GetStatusRequest, context: Any
-    ) -> worker_pb2.WorkerStatus:
-        rt = self._runtime
-        s = await rt.status()
-        return worker_pb2.WorkerStatus(
-            worker_id=rt.worker_id,
-            role=rt.config.role.value,
-            pool=rt.config.pool,
-            waiting=s.waiting,
-            running=s.running,
-            free_blocks=s.free_blocks,
-            used_blocks=s.used_blocks,
-            cached_blocks=s.cached_blocks,
-            total_blocks=s.total_blocks,
-            in_flight_transfers=s.in_flight_transfers,
-            draining=rt.draining,
-        )
 
 
 class WorkerRuntime:
@@ -182,6 +73,23 @@ class WorkerRuntime:
             raise RuntimeError("no app is being served")
         return await self._app.status()
 
+    async def worker_status(self) -> WorkerStatus:
+        """What ``GetStatus`` answers: identity, exact load, draining."""
+        s = await self.status()
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            role=self.config.role.value,
+            pool=self.config.pool,
+            waiting=s.waiting,
+            running=s.running,
+            free_blocks=s.free_blocks,
+            used_blocks=s.used_blocks,
+            cached_blocks=s.cached_blocks,
+            total_blocks=s.total_blocks,
+            in_flight_transfers=s.in_flight_transfers,
+            draining=self.draining,
+        )
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -197,21 +105,23 @@ class WorkerRuntime:
             cfg.port,
             [
                 *app.services,
-                (worker_pb2_grpc.add_WorkerControlServicer_to_server, ControlServicer(self)),
+                (
+                    worker_pb2_grpc.add_WorkerControlServicer_to_server,
+                    ControlServicer(self.worker_status),
+                ),
             ],
             [*app.service_names, CONTROL_SERVICE],
         )
         await server.start()
-        metrics_address = "-"
+        metrics_address = None
         if cfg.metrics_port is not None:
             metrics_address = f"{cfg.host}:{self.metrics.start_http(cfg.metrics_port, cfg.host)}"
         registry, heartbeat = await self._register(app, server.address)
         ticker = asyncio.create_task(self._tick(app, registry), name="worker-tick")
-        print(
-            f"{cfg.role.value} worker {self.worker_id} serving gRPC on {server.address} "
-            f"kv {app.kv_address or '-'} metrics {metrics_address}",
-            flush=True,
+        ready = format_ready(
+            cfg.role.value, self.worker_id, server.address, app.kv_address, metrics_address
         )
+        print(ready, flush=True)
         try:
             await self._stop.wait()
             log.info("%s: draining", self.worker_id)
@@ -312,13 +222,10 @@ class WorkerRuntime:
         await server.stop(grace_s=1.0)
 
 
-AppType = Callable[[WorkerConfig, str, Metrics], WorkerApp]  # (config, worker id, metrics)
-
-
 def run_worker(config: WorkerConfig, load_app: Callable[[], AppType]) -> int:
     """A worker process's body after its arguments parsed: log to stderr, build the app
-    with the type ``load_app()`` returns — it imports it, so torch loads only once argument
-    errors were reported — and serve until drained. Returns the exit code."""
+    with the wiring function ``load_app()`` returns — it imports it, so torch loads only
+    once argument errors were reported — and serve until drained. Returns the exit code."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

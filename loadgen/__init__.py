@@ -1,6 +1,7 @@
 """End-to-end load generator behind ``pdserve bench`` (see benchmarks/README.md).
 
-One noun per module:
+A product command, so a package ``deploy.cli`` may import (``benchmarks/`` are scripts
+that nothing imports). One noun per module:
 
     workload    seeded synthetic sessions (fixed, sharegpt, shared_prefix, multi_turn, mixed_long)
     record      what the client measured of one request
@@ -12,5 +13,6 @@ One noun per module:
     stack       local serving stacks (redis + workers + router; `transformers serve`)
     suite       the comparisons (disagg vs colocated, routing policies, peer)
     report      Markdown tables and matplotlib plots
+    machine     where the numbers came from (versions, CPU, load)
     cli         the ``pdserve bench`` subcommands
 """

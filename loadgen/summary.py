@@ -4,17 +4,33 @@ Every number is computed at the client from :class:`RequestRecord`. Latencies ar
 milliseconds. Goodput counts only requests that finished *and* met the SLO (TTFT, TPOT
 and, when set, the longest ITL gap), per second of the run. The prefix-cache hit ratio is
 Σ cached / Σ prompt tokens over the requests whose server reported ``cached_tokens``.
+``groups`` splits TTFT / ITL / E2E by the workload's request group (``mixed_long``: short
+chats vs long prompts); ``itl_gaps_over`` counts the stalls a user notices.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from benchmarks._common import percentile
-from benchmarks.loadgen.record import RequestRecord
+from loadgen.record import RequestRecord
+
+STALL_THRESHOLDS_MS = (500, 2000)  # ITL gaps longer than these are counted as stalls
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +100,7 @@ def summarize(
     ok = [r for r in records if r.ok]
     duration = max(duration_s, 1e-9)
     met = [r for r in ok if slo.met_by(r)]
+    gaps_ms = [gap * 1e3 for r in ok for gap in r.itls_s]
     return {
         "requests": len(records),
         "completed": len(ok),
@@ -95,6 +112,10 @@ def summarize(
         "itl_ms": distribution(gap for r in ok for gap in r.itls_s),
         "tpot_ms": distribution(r.tpot_s for r in ok if r.tpot_s is not None),
         "e2e_ms": distribution(r.e2e_s for r in ok if r.e2e_s is not None),
+        "itl_gaps_over": {f">{t}ms": sum(g > t for g in gaps_ms) for t in STALL_THRESHOLDS_MS},
+        "coalesced_chunks": sum(n > 1 for r in ok for n in r.chunk_tokens),
+        "send_lag_ms": distribution(r.queue_delay_s for r in records if r.sent_s),
+        "groups": group_latencies(ok),
         "throughput_req_s": round(len(ok) / duration, 4),
         "output_tok_s": round(sum(r.output_tokens for r in ok) / duration, 3),
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
@@ -103,6 +124,21 @@ def summarize(
         "slo_attainment": round(len(met) / len(records), 4) if records else None,
         "goodput_req_s": round(len(met) / duration, 4),
         "hit_ratio": _round(hit_ratio(records)),
+    }
+
+
+def group_latencies(ok: Sequence[RequestRecord]) -> dict[str, dict[str, Any]]:
+    """TTFT, ITL and E2E of the completed requests of each workload group."""
+    groups: dict[str, list[RequestRecord]] = {}
+    for record in ok:
+        groups.setdefault(record.group, []).append(record)
+    return {
+        name: {
+            "ttft_ms": distribution(r.ttft_s for r in members if r.ttft_s is not None),
+            "itl_ms": distribution(gap for r in members for gap in r.itls_s),
+            "e2e_ms": distribution(r.e2e_s for r in members if r.e2e_s is not None),
+        }
+        for name, members in sorted(groups.items())
     }
 
 

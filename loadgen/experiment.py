@@ -13,11 +13,11 @@ import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from benchmarks.loadgen.driver import LoadSpec, RunRecords, drive
-from benchmarks.loadgen.oracle import best_hits
-from benchmarks.loadgen.summary import Slo, summarize
-from benchmarks.loadgen.targets import open_target
-from benchmarks.loadgen.workload import Session, TextFactory, WorkloadSpec, build
+from loadgen.driver import LoadSpec, RunRecords, drive
+from loadgen.oracle import best_hits
+from loadgen.summary import Slo, summarize
+from loadgen.targets import open_target
+from loadgen.workload import Session, TextFactory, WorkloadSpec, build
 
 BLOCK_SIZE = 16  # the engine's default; the oracle counts hits in whole blocks
 

@@ -1,0 +1,143 @@
+"""pdserve's own servers as child processes: a worker or the router, started with its
+flags, its ready line parsed, its gRPC health awaited, always killed.
+
+    workers = start_workers([WorkerSpec("prefill_worker", "prefill-0", flags)], log_dir)
+    workers[0].grpc_address, workers[0].kv_address        # from the worker's ready line
+    router = RouterProcess(["--redis-url", url, "--port", "0"], log_dir / "router.log")
+    router.wait_ready().address
+
+Both are :class:`common.launch.ChildProcess` (own process group, stderr to a log, killed
+with their whole group). A worker's ready line is :mod:`common.ready_line`'s; the router
+prints ``router serving gRPC on H:P metrics H:P|- pools a,b`` (``python -m router``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from common.grpc_server import wait_healthy
+from common.launch import ChildProcess, child_env
+from common.ready_line import Ready, parse_ready
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    module: str  # "prefill_worker" | "decode_worker"
+    name: str  # --worker-id, and the log file's name
+    args: tuple[str, ...] = ()  # every other flag
+    threads: int = 1  # OMP / MKL threads of the process (pass --num-threads in args too)
+
+
+class WorkerProcess(ChildProcess):
+    """``python -m <module> --worker-id <name> <args>``; :meth:`wait_ready` reads its
+    ready line and waits for its gRPC health."""
+
+    def __init__(
+        self, spec: WorkerSpec, log_dir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        command = [sys.executable, "-m", spec.module, "--worker-id", spec.name, *spec.args]
+        super().__init__(command, log_dir / f"{spec.name}.log", env or child_env(spec.threads))
+        self.spec = spec
+        self.ready: Ready | None = None
+
+    def wait_ready(self, timeout_s: float = 180.0) -> Self:
+        deadline = time.monotonic() + timeout_s
+        self.ready = self.wait_for_line(parse_ready, timeout_s)
+        wait_healthy(self.grpc_address, timeout_s=max(deadline - time.monotonic(), 1.0))
+        return self
+
+    def _ready(self) -> Ready:
+        if self.ready is None:
+            raise RuntimeError(f"{self.name}: not ready yet")
+        return self.ready
+
+    @property
+    def worker_id(self) -> str:
+        return self._ready().worker_id
+
+    @property
+    def grpc_address(self) -> str:
+        return self._ready().grpc_address
+
+    @property
+    def kv_address(self) -> str | None:
+        return self._ready().kv_address
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self._ready().metrics_address
+
+
+def start_workers(
+    specs: Sequence[WorkerSpec], log_dir: Path, timeout_s: float = 180.0
+) -> list[WorkerProcess]:
+    """Start every worker at once (their model loads overlap), then wait for each; if
+    any fails to come up, all are killed."""
+    workers: list[WorkerProcess] = []
+    try:
+        for spec in specs:
+            workers.append(WorkerProcess(spec, log_dir))
+        deadline = time.monotonic() + timeout_s
+        for worker in workers:
+            worker.wait_ready(max(deadline - time.monotonic(), 1.0))
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers
+
+
+# --------------------------------------------------------------------------- the router
+
+
+@dataclass(frozen=True, slots=True)
+class RouterReady:
+    grpc_address: str
+    metrics_address: str | None
+    pools: tuple[str, ...]
+
+
+_ROUTER_LINE = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
+
+
+def parse_router_ready(line: str) -> RouterReady | None:
+    match = _ROUTER_LINE.match(line.strip())
+    if match is None:
+        return None
+    grpc_address, metrics, pools = match.groups()
+    return RouterReady(grpc_address, None if metrics == "-" else metrics, tuple(pools.split(",")))
+
+
+class RouterProcess(ChildProcess):
+    """``python -m router <args>``; :meth:`wait_ready` reads its ready line and waits for
+    its gRPC health."""
+
+    def __init__(
+        self, args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__([sys.executable, "-m", "router", *args], log, env or child_env(1))
+        self.ready: RouterReady | None = None
+
+    def wait_ready(self, timeout_s: float = 120.0) -> Self:
+        deadline = time.monotonic() + timeout_s
+        self.ready = self.wait_for_line(parse_router_ready, timeout_s)
+        wait_healthy(self.address, timeout_s=max(deadline - time.monotonic(), 1.0))
+        return self
+
+    @property
+    def address(self) -> str:
+        if self.ready is None:
+            raise RuntimeError(f"{self.name}: not ready yet")
+        return self.ready.grpc_address
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.ready.metrics_address if self.ready is not None else None
