@@ -2,8 +2,10 @@
 generator start a process, wait for it, and kill it.
 
     env = child_env(threads=1)                       # offline, loopback, 1 BLAS thread
-    with ChildProcess([sys.executable, "-m", "router", ...], log_dir / "router.log", env) as c:
-        address = c.wait_for_line(router_address, timeout_s=60)
+    with ChildProcess([sys.executable, "-m", "tests.integration.kv_peer"], log, env,
+                      stdin=True) as peer:           # SIGKILLed with its group on exit
+        reply = peer.next_line(timeout_s=60)         # a line of its stdout, bounded
+        peer.wait_for_line(parse_ready, timeout_s=60)  # or: the first line parse accepts
     port = free_loopback_port()
     wait_until(lambda: len(seen()) == 2, timeout_s=20, what="both workers registered")
 

@@ -62,7 +62,8 @@ class GrpcTarget:
     ) -> None:
         import grpc
 
-        from router.client import FINISH_NAMES, build_request
+        from router.api_proto import chunk_from_proto
+        from router.client import build_request
 
         message = build_request(
             messages=[(m["role"], m["content"]) for m in request.messages],
@@ -75,18 +76,19 @@ class GrpcTarget:
         record.sent_s = clock()
         try:
             async for response in self._stub.Generate(message, timeout=timeout_s):
-                if response.token_ids:
-                    record.add_chunk(clock(), len(response.token_ids))
-                parts.append(response.text)
-                if response.HasField("route"):
-                    r = response.route
+                chunk = chunk_from_proto(response)  # the router client's own translation
+                if chunk.token_ids:
+                    record.add_chunk(clock(), len(chunk.token_ids))
+                parts.append(chunk.text)
+                if chunk.route is not None:
+                    r = chunk.route
                     record.route = f"{r.prefill_worker or '-'}>{r.decode_worker}"
-                if response.finish_reason:
-                    record.finish_reason = FINISH_NAMES.get(response.finish_reason, "?")
-                if response.HasField("usage"):
-                    record.prompt_tokens = response.usage.prompt_tokens
-                    record.cached_tokens = response.usage.cached_tokens
-                    record.output_tokens = response.usage.completion_tokens
+                if response.finish_reason:  # a reason this client does not know reads "?"
+                    record.finish_reason = getattr(chunk.finish_reason, "value", "?")
+                if chunk.usage is not None:
+                    record.prompt_tokens = chunk.usage.prompt_tokens
+                    record.cached_tokens = chunk.usage.cached_tokens
+                    record.output_tokens = chunk.usage.completion_tokens
         except grpc.aio.AioRpcError as exc:
             record.error = exc.code().name
         record.end_s = clock()

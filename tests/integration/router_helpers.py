@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,8 +13,6 @@ from proto import serving_pb2, serving_pb2_grpc
 from router.client import build_request
 from router.config import RouterConfig
 from router.server import RouterServer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 async def start_router(redis_url: str, namespace: str, **config: Any) -> RouterServer:
