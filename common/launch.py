@@ -21,6 +21,7 @@ Every wait is bounded. pdserve's own servers (workers, the router) are launched 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -75,6 +76,17 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(poll_s)
+
+
+async def wait_until_async(
+    predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02
+) -> None:
+    """:func:`wait_until` for a coroutine: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------- one child

@@ -1,13 +1,22 @@
-"""The one line a worker prints on stdout once it serves: formatted and parsed here only.
+"""The line each of our server processes prints on stdout once it serves: formatted and
+parsed here only.
 
 A worker process (``python -m prefill_worker`` / ``python -m decode_worker``) prints,
 after its gRPC server started and it registered::
 
     <role> worker <id> serving gRPC on H:P kv H:P|- metrics H:P|-
 
-``-`` stands for "none": a prefill or colocated worker runs no KV receiver, a worker
+a router (``python -m router``)::
+
+    router serving gRPC on H:P metrics H:P|- pools a,b
+
+and ``pdserve up``, once the whole cluster is healthy::
+
+    serving gRPC on H:P
+
+``-`` stands for "none": a prefill or colocated worker runs no KV receiver, a process
 without ``metrics_port`` serves no ``/metrics``. Launchers (tests, benchmarks, loadgen)
-read the child's stdout line by line and hand each line to :func:`parse_ready`.
+read the child's stdout line by line and hand each line to the matching ``parse_*``.
 """
 
 from __future__ import annotations
@@ -63,3 +72,44 @@ def parse_ready(line: str) -> Ready | None:
 
 def _optional(value: str) -> str | None:
     return None if value == _NONE else value
+
+
+@dataclass(frozen=True, slots=True)
+class RouterReady:
+    """What a router's ready line says."""
+
+    grpc_address: str  # host:port of the public gRPC server
+    metrics_address: str | None  # host:port of /metrics; None: not served
+    pools: tuple[str, ...]  # the pools it routes to
+
+
+_ROUTER_LINE = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
+_UP_PREFIX = "serving gRPC on "
+
+
+def format_router_ready(
+    grpc_address: str, metrics_address: str | None, pools: tuple[str, ...]
+) -> str:
+    return f"router serving gRPC on {grpc_address} metrics {metrics_address or _NONE} " + (
+        f"pools {','.join(pools)}"
+    )
+
+
+def parse_router_ready(line: str) -> RouterReady | None:
+    """The :class:`RouterReady` a line announces; None for any other line."""
+    match = _ROUTER_LINE.match(line.strip())
+    if match is None:
+        return None
+    grpc_address, metrics, pools = match.groups()
+    return RouterReady(grpc_address, _optional(metrics), tuple(pools.split(",")))
+
+
+def format_up_ready(endpoint: str) -> str:
+    """``pdserve up``'s line: the cluster's public gRPC endpoint."""
+    return f"{_UP_PREFIX}{endpoint}"
+
+
+def parse_up_ready(line: str) -> str | None:
+    """The endpoint ``pdserve up`` announces; None for any other line."""
+    line = line.strip()
+    return line.removeprefix(_UP_PREFIX) if line.startswith(_UP_PREFIX) else None

@@ -13,7 +13,6 @@ prints ``router serving gRPC on H:P metrics H:P|- pools a,b`` (``python -m route
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ from typing import Self
 
 from common.grpc_server import wait_healthy
 from common.launch import ChildProcess, child_env
-from common.ready_line import Ready, parse_ready
+from common.ready_line import Ready, RouterReady, parse_ready, parse_router_ready
 
 # --------------------------------------------------------------------------- workers
 
@@ -96,24 +95,6 @@ def start_workers(
 
 
 # --------------------------------------------------------------------------- the router
-
-
-@dataclass(frozen=True, slots=True)
-class RouterReady:
-    grpc_address: str
-    metrics_address: str | None
-    pools: tuple[str, ...]
-
-
-_ROUTER_LINE = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
-
-
-def parse_router_ready(line: str) -> RouterReady | None:
-    match = _ROUTER_LINE.match(line.strip())
-    if match is None:
-        return None
-    grpc_address, metrics, pools = match.groups()
-    return RouterReady(grpc_address, None if metrics == "-" else metrics, tuple(pools.split(",")))
 
 
 class RouterProcess(ChildProcess):

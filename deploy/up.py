@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 from common import env
 from common.grpc_server import wait_healthy
+from common.ready_line import format_up_ready
 from common.redis_process import RedisProcess
 from deploy.local_ray import connect, init_local, pin_to_loopback
 from deploy.serve_config import DEFAULT_CONFIG, ServeConfig
@@ -173,7 +174,7 @@ def run(options: UpOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) 
     try:
         endpoint = up.start()
         signals.install()  # again: ray.init replaced the SIGTERM handler with sys.exit
-        print(f"serving gRPC on {endpoint}", file=out, flush=True)
+        print(format_up_ready(endpoint), file=out, flush=True)
         while True:
             time.sleep(1.0)
     except _Interrupted:

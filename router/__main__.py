@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common import env
+from common.ready_line import format_router_ready
 from router.config import RouterConfig
 from router.server import RouterServer
 
@@ -71,12 +72,8 @@ async def serve(config: RouterConfig, drain_grace_s: float) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pools = ",".join(p.name for p in config.pools)
-    print(
-        f"router serving gRPC on {server.address} metrics {server.metrics_address or '-'} "
-        f"pools {pools}",
-        flush=True,
-    )
+    pools = tuple(p.name for p in config.pools)
+    print(format_router_ready(server.address, server.metrics_address, pools), flush=True)
     try:
         await stop.wait()
     finally:

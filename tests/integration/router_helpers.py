@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
 
+from common.launch import wait_until_async
 from proto import serving_pb2, serving_pb2_grpc
 from router.client import build_request
 from router.config import RouterConfig
@@ -58,11 +58,7 @@ def _await_chains() -> str:
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.02)
+    await wait_until_async(condition, timeout_s, what or str(condition))
 
 
 async def wait_workers(server: RouterServer, pool: str, count: int) -> None:

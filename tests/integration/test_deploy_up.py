@@ -17,6 +17,7 @@ import pytest
 
 from common.grpc_server import wait_healthy
 from common.launch import ChildProcess, child_env
+from common.ready_line import parse_up_ready
 from tests.integration.deploy_helpers import (
     generate,
     load_default,
@@ -29,7 +30,6 @@ from tests.integration.deploy_helpers import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PDSERVE = Path(sys.executable).with_name("pdserve")
-READY_PREFIX = "serving gRPC on "  # what `pdserve up` prints on stdout once it serves
 
 
 class UpProcess:
@@ -44,7 +44,7 @@ class UpProcess:
 
     def wait_ready(self, timeout_s: float) -> None:
         try:
-            self.endpoint = self.child.wait_for_line(_endpoint, timeout_s)
+            self.endpoint = self.child.wait_for_line(parse_up_ready, timeout_s)
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"pdserve up did not come up: {exc}")
         self.tree = process_tree(self.child.pid)
@@ -54,10 +54,6 @@ class UpProcess:
 
     def stderr(self) -> str:
         return self.child.log_tail(chars=None)
-
-
-def _endpoint(line: str) -> str | None:
-    return line.removeprefix(READY_PREFIX).strip() if line.startswith(READY_PREFIX) else None
 
 
 @pytest.fixture

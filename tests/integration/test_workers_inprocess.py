@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from common.errors import ErrorCode, RequestError
+from common.launch import wait_until_async
 from common.metrics import Metrics
 from common.worker_info import WorkerRole
 from decode_worker.decode import Decoder
@@ -159,10 +160,7 @@ def tokens(deltas: list[TokenDelta]) -> list[int]:
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.002)
+    await wait_until_async(predicate, timeout_s, what, poll_s=0.002)
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:

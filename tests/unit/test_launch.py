@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.launch import REPO_ROOT, ChildProcess, child_env, free_loopback_port, wait_until
-from common.server_process import parse_router_ready
+from common.ready_line import parse_router_ready
 
 
 def _python(code: str) -> list[str]:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from common.ready_line import Ready, format_ready, parse_ready
+from common.ready_line import (
+    Ready,
+    RouterReady,
+    format_ready,
+    format_router_ready,
+    format_up_ready,
+    parse_ready,
+    parse_router_ready,
+    parse_up_ready,
+)
 
 
 @pytest.mark.parametrize(
@@ -44,3 +53,12 @@ def test_the_printed_text_is_unchanged() -> None:
 )
 def test_other_lines_are_not_ready_lines(line: str) -> None:
     assert parse_ready(line) is None
+
+
+def test_router_and_up_lines_round_trip() -> None:
+    line = format_router_ready("127.0.0.1:50051", None, ("default", "code"))
+    assert line == "router serving gRPC on 127.0.0.1:50051 metrics - pools default,code"
+    assert parse_router_ready(line) == RouterReady("127.0.0.1:50051", None, ("default", "code"))
+    assert parse_router_ready(format_ready("decode", "d", "h:1", None, None)) is None
+    assert parse_up_ready(format_up_ready("127.0.0.1:50051")) == "127.0.0.1:50051"
+    assert parse_up_ready("pdserve up: ray 127.0.0.1:6379") is None
