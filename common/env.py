@@ -36,3 +36,8 @@ def cache_dir() -> Path:
 
 def redis_url() -> str | None:
     return os.environ.get("PDSERVE_REDIS_URL")
+
+
+def api_key() -> str | None:
+    """The key ``pdserve chat`` / ``generate`` / ``bench`` send: ``$PDSERVE_API_KEY``."""
+    return os.environ.get("PDSERVE_API_KEY") or None

@@ -46,6 +46,8 @@ class GrpcServer:
         service_names: Sequence[str],
         *,
         options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self._host = host
         self._requested_port = port
@@ -54,6 +56,8 @@ class GrpcServer:
         # SO_REUSEPORT is on by default in grpc: a second server on a taken port would
         # silently share it instead of failing. pdserve wants the failure.
         self._options = [("grpc.so_reuseport", 0), *options]
+        self._credentials = credentials  # None: plaintext; else e.g. ssl_server_credentials
+        self._interceptors = list(interceptors)  # e.g. common.grpc_auth on worker servers
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
@@ -73,7 +77,7 @@ class GrpcServer:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("GrpcServer already started")
-        server = grpc.aio.server(options=self._options)
+        server = grpc.aio.server(options=self._options, interceptors=self._interceptors)
         for add_fn, servicer in self._services:
             add_fn(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -82,7 +86,10 @@ class GrpcServer:
         target = f"[{self._host}]" if ":" in self._host else self._host
         target = f"{target}:{self._requested_port}"
         try:
-            port = server.add_insecure_port(target)
+            if self._credentials is None:
+                port = server.add_insecure_port(target)
+            else:
+                port = server.add_secure_port(target, self._credentials)
         except RuntimeError as exc:  # grpc's only signal for a failed bind
             raise OSError(f"could not bind gRPC server to {target}: {exc}") from exc
         for name in ["", *self._service_names]:
@@ -116,14 +123,24 @@ class GrpcServer:
         return not timed_out
 
 
-def wait_healthy(address: str, timeout_s: float = 10.0, service: str = "") -> None:
+def wait_healthy(
+    address: str,
+    timeout_s: float = 10.0,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Block until ``address`` reports ``service`` SERVING; TimeoutError otherwise.
 
-    For tests and CLIs that start a server in another process.
+    For tests and CLIs that start a server in another process (``credentials``: a TLS
+    server's; None = plaintext).
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    if credentials is None:
+        opened = grpc.insecure_channel(address)
+    else:
+        opened = grpc.secure_channel(address, credentials)
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()

@@ -47,13 +47,12 @@ _SIGTERM = signal.SIGTERM  # a default argument of ChildProcess, whose .signal()
 
 def child_env(threads: int | None = 1, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment for a child: offline, gloo on loopback, ``threads``
-    OpenMP / MKL threads (None: unchanged), the model cache in ``<repo>/.cache`` unless
-    ``PDSERVE_CACHE_DIR`` says otherwise, and the repo root first on ``PYTHONPATH`` (so
-    ``python -m <package>`` and ``python -m tests...`` work from any directory)."""
+    OpenMP / MKL threads (None: unchanged), and the repo root first on ``PYTHONPATH`` (so
+    ``python -m <package>`` and ``python -m tests...`` work from any directory). The model
+    cache is this process's (``common.env.cache_dir()``), like every entry point's."""
     env = {**os.environ, **offline_defaults()}
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    env.setdefault("PDSERVE_CACHE_DIR", str(REPO_ROOT / ".cache"))
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
     env.update(extra or {})

@@ -8,11 +8,12 @@ after its gRPC server started and it registered::
 
 a router (``python -m router``)::
 
-    router serving gRPC on H:P metrics H:P|- pools a,b
+    router serving gRPC on H:P http H:P|- metrics H:P|- pools a,b
 
-and ``pdserve up``, once the whole cluster is healthy::
+and ``pdserve up``, once the whole cluster is healthy, one line per public port::
 
     serving gRPC on H:P
+    serving HTTP on H:P
 
 ``-`` stands for "none": a prefill or colocated worker runs no KV receiver, a process
 without ``metrics_port`` serves no ``/metrics``. Launchers (tests, benchmarks, loadgen)
@@ -79,19 +80,25 @@ class RouterReady:
     """What a router's ready line says."""
 
     grpc_address: str  # host:port of the public gRPC server
+    http_address: str | None  # host:port of the OpenAI-compatible HTTP server; None: none
     metrics_address: str | None  # host:port of /metrics; None: not served
     pools: tuple[str, ...]  # the pools it routes to
 
 
-_ROUTER_LINE = re.compile(r"^router serving gRPC on (\S+) metrics (\S+) pools (\S+)$")
+_ROUTER_LINE = re.compile(r"^router serving gRPC on (\S+) http (\S+) metrics (\S+) pools (\S+)$")
 _UP_PREFIX = "serving gRPC on "
+_UP_HTTP_PREFIX = "serving HTTP on "
 
 
 def format_router_ready(
-    grpc_address: str, metrics_address: str | None, pools: tuple[str, ...]
+    grpc_address: str,
+    http_address: str | None,
+    metrics_address: str | None,
+    pools: tuple[str, ...],
 ) -> str:
-    return f"router serving gRPC on {grpc_address} metrics {metrics_address or _NONE} " + (
-        f"pools {','.join(pools)}"
+    return (
+        f"router serving gRPC on {grpc_address} http {http_address or _NONE} "
+        f"metrics {metrics_address or _NONE} pools {','.join(pools)}"
     )
 
 
@@ -100,8 +107,8 @@ def parse_router_ready(line: str) -> RouterReady | None:
     match = _ROUTER_LINE.match(line.strip())
     if match is None:
         return None
-    grpc_address, metrics, pools = match.groups()
-    return RouterReady(grpc_address, _optional(metrics), tuple(pools.split(",")))
+    grpc_address, http, metrics, pools = match.groups()
+    return RouterReady(grpc_address, _optional(http), _optional(metrics), tuple(pools.split(",")))
 
 
 def format_up_ready(endpoint: str) -> str:
@@ -113,3 +120,14 @@ def parse_up_ready(line: str) -> str | None:
     """The endpoint ``pdserve up`` announces; None for any other line."""
     line = line.strip()
     return line.removeprefix(_UP_PREFIX) if line.startswith(_UP_PREFIX) else None
+
+
+def format_up_http_ready(endpoint: str) -> str:
+    """``pdserve up``'s second line: the cluster's OpenAI-compatible HTTP endpoint."""
+    return f"{_UP_HTTP_PREFIX}{endpoint}"
+
+
+def parse_up_http_ready(line: str) -> str | None:
+    """The HTTP endpoint ``pdserve up`` announces; None for any other line."""
+    line = line.strip()
+    return line.removeprefix(_UP_HTTP_PREFIX) if line.startswith(_UP_HTTP_PREFIX) else None

@@ -27,6 +27,11 @@ worker's cache is empty) → ``heartbeat`` every ``interval_s`` (refresh TTL, pu
 router that falls further behind than ``kv_stream_maxlen`` entries, or starts late, has an
 incomplete prefix index: that costs cache hits, never correctness, because workers check
 their own caches.
+
+With a cluster secret, registrations and KV stream entries are signed on write and
+checked on read (:mod:`common.registry_signing`): a writer without the secret can neither
+get a fake worker routed to nor skew prefix routing. Redis itself is opened by
+:mod:`common.redis_client` (password, TLS).
 """
 
 from __future__ import annotations
@@ -34,13 +39,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
 
+from common.cluster_secret import ClusterSecret
 from common.kv_events import AllBlocksCleared, StreamEvent
 from common.kv_stream import clear_entry, decode_entry, encode_entry
+from common.redis_client import open_async, open_sync
+from common.registry_signing import RegistrySigning, UnsignedRegistration
 from common.worker_info import WorkerInfo, WorkerLoad, WorkerRole
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,9 @@ class Registry:
         namespace: str = "pdserve",
         heartbeat_ttl_s: float = 3.0,
         kv_stream_maxlen: int = 100_000,
+        *,
+        password_file: str | Path | None = None,
+        secret: ClusterSecret | None = None,
     ) -> None:
         if heartbeat_ttl_s <= 0:
             raise ValueError(f"heartbeat_ttl_s must be positive, got {heartbeat_ttl_s}")
@@ -74,9 +85,13 @@ class Registry:
         self._maxlen = kv_stream_maxlen
         # A connect timeout so an unreachable Redis fails a heartbeat instead of hanging it;
         # no read timeout, because XREAD legitimately blocks.
-        self._redis = aredis.Redis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=2.0
+        self._redis = open_async(
+            redis_url,
+            password_file=password_file,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
         )
+        self._signing = RegistrySigning(secret)
         self._pools: dict[str, str] = {}  # worker id → pool, for workers registered here
 
     async def aclose(self) -> None:
@@ -95,10 +110,11 @@ class Registry:
         self._pools[info.worker_id] = info.pool
         k = self._keys
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(k.worker(info.worker_id), info.to_json(), px=self._ttl_ms)
+            pipe.set(k.worker(info.worker_id), self._signing.encode(info), px=self._ttl_ms)
             pipe.sadd(k.index, info.worker_id)
             if clear_kv:
-                pipe.xadd(k.kv(info.pool), clear_entry(info.worker_id), **self._trim)
+                entry = self._signing.entry(clear_entry(info.worker_id))
+                pipe.xadd(k.kv(info.pool), entry, **self._trim)
             await pipe.execute()
 
     async def heartbeat(self, worker_id: str, load: WorkerLoad | None = None) -> bool:
@@ -132,7 +148,7 @@ class Registry:
             pipe.delete(k.worker(worker_id), k.load(worker_id))
             pipe.srem(k.index, worker_id)
             if pool is not None:
-                pipe.xadd(k.kv(pool), clear_entry(worker_id), **self._trim)
+                pipe.xadd(k.kv(pool), self._signing.entry(clear_entry(worker_id)), **self._trim)
             await pipe.execute()
 
     async def publish_kv_events(
@@ -147,7 +163,8 @@ class Registry:
         stream = self._keys.kv(self._pool_of(worker_id, pool))
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.xadd(stream, encode_entry(worker_id, event), **self._trim)
+                entry = self._signing.entry(encode_entry(worker_id, event))
+                pipe.xadd(stream, entry, **self._trim)
             return list(await pipe.execute())
 
     async def publish_kv_clear(self, worker_id: str, *, pool: str | None = None) -> str:
@@ -163,7 +180,7 @@ class Registry:
         """Live workers, sorted by id, optionally of one pool and/or role."""
         ids = sorted(await self._redis.smembers(self._keys.index))
         raws = await self._redis.mget([self._keys.worker(i) for i in ids]) if ids else []
-        infos, dead = _parse_infos(ids, raws)
+        infos, dead = _parse_infos(ids, raws, self._signing)
         if dead:
             await self._redis.srem(self._keys.index, *dead)
         return _filter(infos, pool, role)
@@ -199,6 +216,8 @@ class Registry:
             pool = self._keys.pool_of_stream(key)
             for entry_id, fields in entries:
                 last_ids[pool] = entry_id
+                if not self._signing.entry_ok(fields):
+                    continue
                 decoded = decode_entry(fields)
                 if decoded is not None:
                     records.append(KVEventRecord(entry_id, pool, *decoded))
@@ -221,9 +240,19 @@ class Registry:
 class SyncRegistryReader:
     """Blocking read-only view for CLIs and tests: same keys and parsing as :class:`Registry`."""
 
-    def __init__(self, redis_url: str, namespace: str = "pdserve") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str = "pdserve",
+        *,
+        password_file: str | Path | None = None,
+        secret: ClusterSecret | None = None,
+    ) -> None:
         self._keys = _Keys(namespace)
-        self._redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self._redis: redis.Redis = open_sync(
+            redis_url, password_file=password_file, decode_responses=True
+        )
+        self._signing = RegistrySigning(secret)
 
     def close(self) -> None:
         self._redis.close()
@@ -233,7 +262,7 @@ class SyncRegistryReader:
     ) -> list[WorkerInfo]:
         ids = sorted(self._redis.smembers(self._keys.index))
         raws = self._redis.mget([self._keys.worker(i) for i in ids]) if ids else []
-        return _filter(_parse_infos(ids, raws)[0], pool, role)
+        return _filter(_parse_infos(ids, raws, self._signing)[0], pool, role)
 
     def loads(self) -> dict[str, WorkerLoad]:
         ids = sorted(self._redis.smembers(self._keys.index))
@@ -261,8 +290,11 @@ class _Keys:
         return key.removeprefix(f"{self.ns}:kv:")
 
 
-def _parse_infos(ids: list[str], raws: list[str | None]) -> tuple[list[WorkerInfo], list[str]]:
-    """(live infos, ids whose key has expired). Malformed entries are logged and skipped."""
+def _parse_infos(
+    ids: list[str], raws: list[str | None], signing: RegistrySigning
+) -> tuple[list[WorkerInfo], list[str]]:
+    """(live infos, ids whose key has expired). Malformed or unsigned entries are logged
+    and skipped."""
     infos: list[WorkerInfo] = []
     dead: list[str] = []
     for worker_id, raw in zip(ids, raws, strict=True):
@@ -270,7 +302,10 @@ def _parse_infos(ids: list[str], raws: list[str | None]) -> tuple[list[WorkerInf
             dead.append(worker_id)
             continue
         try:
-            infos.append(WorkerInfo.from_json(raw))
+            infos.append(signing.decode(raw))
+        except UnsignedRegistration as exc:
+            if signing.first_refusal(worker_id):
+                log.warning("ignoring worker %s: %s (no cluster secret?)", worker_id, exc)
         except ValueError as exc:
             log.warning("skipping malformed registration of %s: %s", worker_id, exc)
     return infos, dead

@@ -8,7 +8,9 @@ flags, its ready line parsed, its gRPC health awaited, always killed.
 
 Both are :class:`common.launch.ChildProcess` (own process group, stderr to a log, killed
 with their whole group). A worker's ready line is :mod:`common.ready_line`'s; the router
-prints ``router serving gRPC on H:P metrics H:P|- pools a,b`` (``python -m router``).
+prints ``router serving gRPC on H:P http H:P|- metrics H:P|- pools a,b`` (``python -m
+router``). A RouterProcess serves HTTP on a free port unless ``args`` name ``--http-port``
+(children never take the default 8000).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
+
+import grpc
 
 from common.grpc_server import wait_healthy
 from common.launch import ChildProcess, child_env
@@ -104,13 +108,18 @@ class RouterProcess(ChildProcess):
     def __init__(
         self, args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
     ) -> None:
+        args = list(args) if "--http-port" in args else [*args, "--http-port", "0"]
         super().__init__([sys.executable, "-m", "router", *args], log, env or child_env(1))
         self.ready: RouterReady | None = None
 
-    def wait_ready(self, timeout_s: float = 120.0) -> Self:
+    def wait_ready(
+        self, timeout_s: float = 120.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> Self:
+        """``credentials``: the channel credentials of a router serving TLS."""
         deadline = time.monotonic() + timeout_s
         self.ready = self.wait_for_line(parse_router_ready, timeout_s)
-        wait_healthy(self.address, timeout_s=max(deadline - time.monotonic(), 1.0))
+        remaining = max(deadline - time.monotonic(), 1.0)
+        wait_healthy(self.address, timeout_s=remaining, credentials=credentials)
         return self
 
     @property
@@ -118,6 +127,10 @@ class RouterProcess(ChildProcess):
         if self.ready is None:
             raise RuntimeError(f"{self.name}: not ready yet")
         return self.ready.grpc_address
+
+    @property
+    def http_address(self) -> str | None:
+        return self.ready.http_address if self.ready is not None else None
 
     @property
     def metrics_address(self) -> str | None:

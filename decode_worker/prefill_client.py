@@ -17,6 +17,7 @@ from typing import Protocol
 
 import grpc
 
+from common.cluster_secret import ClusterSecret, call_metadata
 from messages.prefill import PrefillJob, PrefillResult
 from messages.prefill_proto import job_to_proto, result_from_proto
 from proto import worker_pb2_grpc
@@ -42,8 +43,9 @@ class PrefillClient(Protocol):
 class GrpcPrefillClient:
     """Channels are kept per address for the life of the worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, secret: ClusterSecret | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._metadata = call_metadata(secret)  # the cluster token, when there is a secret
 
     async def prefill(self, address: str, job: PrefillJob) -> PrefillResult:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel(address))
@@ -51,7 +53,7 @@ class GrpcPrefillClient:
         if job.deadline is not None:
             timeout = max(job.deadline - time.monotonic(), 0.001)
         try:
-            reply = await stub.Prefill(job_to_proto(job), timeout=timeout)
+            reply = await stub.Prefill(job_to_proto(job), timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             raise PrefillFailed(

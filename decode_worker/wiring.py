@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from common.cluster_secret import load_secret
 from common.metrics import Metrics
 from decode_worker.prefill_client import GrpcPrefillClient, PrefillClient
 from decode_worker.worker import DecodeApp
@@ -46,5 +47,7 @@ def build_decode_app(
     if config.takes_transfers:
         make_receiver = make_receiver or TorchDistReceiver
         receiver = make_receiver(llm.kv_cache, llm.model_config.name, config.kv_transfer)
-    client = prefill if prefill is not None else GrpcPrefillClient()
+    if prefill is None:
+        prefill = GrpcPrefillClient(load_secret(config.cluster_secret_file))
+    client = prefill
     return DecodeApp(config, worker_id, AsyncEngine(llm), receiver, client, metrics)

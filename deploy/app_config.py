@@ -9,6 +9,9 @@ restarts the whole app. Layout (every key optional)::
     args:
       redis_url: null          # null = $PDSERVE_REDIS_URL on each node (cluster.yaml sets it)
       namespace: pdserve       # registry key namespace, shared by router and workers
+      redis_password_file: null   # Redis password file, same path on every node
+      cluster_secret_file: null   # cluster secret file, same path on every node (`pdserve
+                               # up` generates one); the secret never enters the app config
       latency_window_s: 10     # TTFT / ITL p90 the autoscaling policies see: last N seconds
       workers: [prefill, decode]   # worker deployments: prefill + decode and/or colocated
       router_drain_grace_s: 10 # on stop, the router's in-flight streams get this long
@@ -18,9 +21,10 @@ restarts the whole app. Layout (every key optional)::
 
 ``user_config`` of each worker deployment (PrefillWorker, DecodeWorker, Worker): that
 pool's :class:`~worker.config.WorkerConfig` (minus the keys the deployment sets:
-role, worker_id, redis_url, namespace). Serve applies a changed ``user_config`` to the
-running replicas without touching the rest of the app; each replica then starts a worker
-with the new config and drains the old one (see :mod:`deploy.deployments`).
+role, worker_id, redis_url, namespace, the two secret files). Serve applies a changed
+``user_config`` to the running replicas without touching the rest of the app; each replica
+then starts a worker with the new config and drains the old one (see
+:mod:`deploy.deployments`).
 
 ``host: auto`` (workers' ``host`` and ``kv_transfer.host``, the router's ``host``) binds
 the node's Ray address: 127.0.0.1 locally, the node's private IP on a cluster.
@@ -51,8 +55,9 @@ WORKER_SHUTDOWN_TIMEOUT_S = 60.0
 ROUTER_SHUTDOWN_TIMEOUT_S = 30.0
 
 # Set per replica by the deployment, never by the YAML.
-_MANAGED_WORKER_KEYS = frozenset({"role", "worker_id", "redis_url", "namespace"})
-_MANAGED_ROUTER_KEYS = frozenset({"redis_url", "namespace"})
+_SECRET_KEYS = frozenset({"redis_password_file", "cluster_secret_file"})
+_MANAGED_WORKER_KEYS = frozenset({"role", "worker_id", "redis_url", "namespace"}) | _SECRET_KEYS
+_MANAGED_ROUTER_KEYS = frozenset({"redis_url", "namespace"}) | _SECRET_KEYS
 _CHECK_URL = "redis://validation-only"
 
 
@@ -61,6 +66,8 @@ class AppArgs(BaseModel):
 
     redis_url: str | None = None
     namespace: str = "pdserve"
+    redis_password_file: str | None = None
+    cluster_secret_file: str | None = None
     latency_window_s: float = Field(10.0, gt=0)
     workers: tuple[WorkerRole, ...] = (WorkerRole.PREFILL, WorkerRole.DECODE)
     router_drain_grace_s: float = Field(10.0, gt=0)
@@ -98,6 +105,7 @@ class AppArgs(BaseModel):
         data["host"] = _host(data.get("host", AUTO_HOST), node_ip)
         data["redis_url"] = redis_url or self.redis_url
         data["namespace"] = self.namespace
+        data.update(self._secret_files())
         try:
             return RouterConfig.from_mapping(data)
         except ValueError as exc:
@@ -126,6 +134,7 @@ class AppArgs(BaseModel):
             worker_id=worker_id,
             redis_url=redis_url or self.redis_url,
             namespace=self.namespace,
+            **self._secret_files(),
         )
         try:
             return WorkerConfig.from_mapping(data)
@@ -141,12 +150,22 @@ class AppArgs(BaseModel):
                 f"{DEPLOYMENT_OF_ROLE[role]}: pool {config.pool!r} is not a router pool {pools}"
             )
 
+    def _secret_files(self) -> dict[str, str | None]:
+        return {
+            "redis_password_file": self.redis_password_file,
+            "cluster_secret_file": self.cluster_secret_file,
+        }
+
     def with_overrides(self, **changes: Any) -> AppArgs:
-        """A copy with top-level keys, or ``router.port`` (``router_port=``), replaced."""
+        """A copy with top-level keys, or router keys (``router_port=``,
+        ``router_http_port=``, ``router_api_key_file=``), replaced; None keeps a value."""
         data = self.model_dump(mode="json")
-        port = changes.pop("router_port", None)
-        if port is not None:
-            data["router"] = {**data["router"], "port": port}
+        router = dict(data["router"])
+        for name in ("port", "http_port", "api_key_file"):
+            value = changes.pop(f"router_{name}", None)
+            if value is not None:
+                router[name] = value
+        data["router"] = router
         data.update(changes)
         return AppArgs.parse(data)
 

@@ -35,13 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--address", help="existing Ray cluster (e.g. auto); default: local Ray")
     up.add_argument("--redis-url", help="registry Redis; default: a private redis-server")
     up.add_argument("--port", type=int, default=None, help="router gRPC port (default 50051)")
+    up.add_argument(
+        "--http-port", type=int, default=None, help="router HTTP (OpenAI API) port (default 8000)"
+    )
+    up.add_argument("--api-key-file", help="API keys, one per line, required on both ports")
     up.add_argument("--num-cpus", type=int, default=None, help="local Ray's CPUs")
+    up.add_argument(
+        "--cluster-secret-file", help="cluster secret, same path on every node (default: new)"
+    )
+    up.add_argument("--redis-password-file", help="registry Redis password, one line")
     up.set_defaults(handler=_up)
 
     status = commands.add_parser("status", help="pools, replicas and worker load")
     status.add_argument("--address", help="Ray cluster; default: `pdserve up`'s, else auto")
     status.add_argument("--redis-url", default=None, help="registry Redis (default: the app's)")
     status.add_argument("--app", default=None, help="Serve application name (default pdserve)")
+    status.add_argument("--redis-password-file", help="registry Redis password (default: app's)")
     status.set_defaults(handler=_status)
 
     check = commands.add_parser("check", help="validate a Serve config offline")
@@ -64,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--stop", action="append", default=[], help="stop string")
         command.add_argument("--system", default=None, help="system message (chat)")
         command.add_argument("--timeout", type=float, default=None, help="deadline, seconds")
+        command.add_argument("--api-key", default=None, help="API key (default $PDSERVE_API_KEY)")
+        command.add_argument("--tls-ca-file", default=None, help="TLS router: the CA to trust")
         command.add_argument(
             "--local", action="store_true", help="no router: run the engine in this process"
         )
@@ -84,7 +95,11 @@ def _up(args: argparse.Namespace) -> int:
         address=args.address,
         redis_url=args.redis_url,
         port=args.port,
+        http_port=args.http_port,
+        api_key_file=args.api_key_file,
         num_cpus=args.num_cpus,
+        cluster_secret_file=args.cluster_secret_file,
+        redis_password_file=args.redis_password_file,
     )
     return run(options)
 
@@ -92,7 +107,12 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from deploy.status import run
 
-    return run(address=args.address, redis_url=args.redis_url, app=args.app)
+    return run(
+        address=args.address,
+        redis_url=args.redis_url,
+        app=args.app,
+        redis_password_file=args.redis_password_file,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -111,6 +131,7 @@ def _check(args: argparse.Namespace) -> int:
 def _stream(args: argparse.Namespace) -> int:
     if args.local:
         return _generate_locally(args)
+    from common import env
     from router import client
 
     return client.run(
@@ -118,6 +139,8 @@ def _stream(args: argparse.Namespace) -> int:
         args.prompt,
         chat=args.chat,
         timeout_s=args.timeout,
+        api_key=args.api_key or env.api_key(),
+        tls_ca_file=args.tls_ca_file,
         model=args.model,
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -128,6 +128,7 @@ class _WorkerReplica:
             config.namespace,
             config.worker_id,
             lambda: host.replica_stats(self.deployment, self.replica_id),
+            password_file=config.redis_password_file,
         )
         self._publisher.start()
 
@@ -176,6 +177,10 @@ class Router:
         """The gRPC endpoint this replica serves (``host:port``)."""
         assert self._host.address is not None
         return self._host.address
+
+    async def http_address(self) -> str | None:
+        """The OpenAI-compatible HTTP endpoint (``host:port``); None without HTTP."""
+        return self._host.http_address
 
     async def check_health(self) -> None:
         await self._host.check_health()

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import redis
-import redis.asyncio as aredis
+
+from common.redis_client import open_async
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,13 @@ class StatsPublisher:
         worker_id: str,
         stats_fn: Callable[[], ReplicaStats | None],
         interval_s: float = 1.0,
+        password_file: str | None = None,
     ) -> None:
-        self._redis = aredis.Redis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=2.0
+        self._redis = open_async(
+            redis_url,
+            password_file=password_file,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
         )
         self._key = key(namespace, worker_id)
         self._stats_fn = stats_fn

@@ -6,7 +6,8 @@ a :class:`~deploy.hosting.LoopThread`. Lifecycle::
     start     thread: RouterServer.start() (tokenizers, Redis registry view + KV event
               follower, gRPC server on host:port with health + reflection)
     ready     wait_ready(): started and its gRPC health says SERVING
-    serve     check_health() for Serve's health checks; address for `pdserve up`
+    serve     check_health() for Serve's health checks; address / http_address (None
+              without HTTP) for `pdserve up`
     stop      stop(): RouterServer.stop(grace) — health NOT_SERVING, in-flight streams
               finish within the grace, then the server and its background tasks stop
 """
@@ -27,6 +28,7 @@ class RouterHost:
         self.config = config
         self.drain_grace_s = drain_grace_s
         self.address: str | None = None
+        self.http_address: str | None = None
         self._thread = LoopThread("router")
         self._stop = asyncio.Event()  # bound to the router's loop on first use
 
@@ -39,13 +41,15 @@ class RouterHost:
                 self._raise_if_dead()
                 await asyncio.sleep(0.05)
         await self.check_health()
-        log.info("router serving gRPC on %s", self.address)
+        log.info("router serving gRPC on %s, HTTP on %s", self.address, self.http_address)
         return self.address
 
     async def check_health(self) -> None:
         self._raise_if_dead()
         if self.address is None:
             raise RuntimeError("router: not started")
+        if self.config.tls_cert_file is not None:
+            return  # a TLS probe could need a client certificate: the live thread suffices
         status = await asyncio.to_thread(grpc_health, self.address, 5.0)
         if status != "SERVING":
             raise RuntimeError(f"router {self.address}: gRPC health {status}")
@@ -61,6 +65,7 @@ class RouterHost:
         server = RouterServer(self.config)
         try:
             await server.start()
+            self.http_address = server.http_address
             self.address = server.address
             await self._stop.wait()
         finally:

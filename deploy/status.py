@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import redis
-
 from common import env
+from common.cluster_secret import ClusterSecret, load_secret
+from common.redis_client import open_sync, redact_url
 from common.registry import SyncRegistryReader
 from common.worker_info import WorkerInfo, WorkerLoad
 from deploy.app_config import DEPLOYMENT_OF_ROLE, AppArgs
@@ -64,9 +64,10 @@ def run(
     app: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    redis_password_file: str | None = None,
 ) -> int:
     try:
-        report = collect(address, redis_url, app)
+        report = collect(address, redis_url, app, redis_password_file)
     except Exception as exc:
         print(f"pdserve status: {exc}", file=err)
         return 1
@@ -74,7 +75,12 @@ def run(
     return 0 if report.app_status == "RUNNING" else 2
 
 
-def collect(address: str | None, redis_url: str | None, app: str | None) -> StatusReport:
+def collect(
+    address: str | None,
+    redis_url: str | None,
+    app: str | None,
+    redis_password_file: str | None = None,
+) -> StatusReport:
     from deploy.up import read_state
 
     state = read_state() or {}
@@ -92,14 +98,18 @@ def collect(address: str | None, redis_url: str | None, app: str | None) -> Stat
         _deployment_row(name, d) for name, d in (app_details.get("deployments") or {}).items()
     ]
     if redis_url is not None:
-        report.workers = _workers(redis_url, args.namespace, report.deployments)
+        password_file = redis_password_file or args.redis_password_file
+        secret = _readable_secret(args.cluster_secret_file)
+        report.workers = _workers(
+            redis_url, args.namespace, report.deployments, password_file, secret
+        )
     return report
 
 
 def render(report: StatusReport) -> str:
     lines = [
         f"app {report.app}: {report.app_status}   ray {report.ray_address}   "
-        f"redis {report.redis_url or '-'}",
+        f"redis {redact_url(report.redis_url)}",
         "",
     ]
     lines += _table(
@@ -166,10 +176,14 @@ def _deployment_row(name: str, d: dict[str, Any]) -> DeploymentRow:
 
 
 def _workers(
-    redis_url: str, namespace: str, deployments: Sequence[DeploymentRow]
+    redis_url: str,
+    namespace: str,
+    deployments: Sequence[DeploymentRow],
+    password_file: str | None = None,
+    secret: ClusterSecret | None = None,
 ) -> list[WorkerRow]:
-    reader = SyncRegistryReader(redis_url, namespace)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    reader = SyncRegistryReader(redis_url, namespace, password_file=password_file, secret=secret)
+    client = open_sync(redis_url, password_file=password_file, decode_responses=True)
     try:
         infos, loads, stats = reader.list_workers(), reader.loads(), read_all(client, namespace)
     finally:
@@ -189,6 +203,15 @@ def _workers(
     return sorted(
         rows, key=lambda w: (w.info.pool, order.get(w.info.role.value, 9), w.info.worker_id)
     )
+
+
+def _readable_secret(path: str | None) -> ClusterSecret | None:
+    """The cluster secret when this machine can read it: status then lists only the
+    workers that signed their registration, as the router routes to."""
+    try:
+        return load_secret(path)
+    except ValueError:
+        return None
 
 
 def _name(value: Any) -> str:

@@ -3,14 +3,21 @@
 Lifecycle of :class:`Up`::
 
     start   config     serve.yaml checked (deploy.serve_config), --redis-url / --port applied
-            redis      a private redis-server on 127.0.0.1 (local runs without --redis-url)
+            model      local runs: the default model converted into the cache directory if
+                       it is not yet (staged progress on stderr; engine.model_loader)
+            redis      a private redis-server on 127.0.0.1 with a generated password
+                       (local runs without --redis-url)
+            secret     --cluster-secret-file, the args' one, or a generated one (mode 0600
+                       in the cache directory, removed on stop): handed to router and
+                       workers as ``args.cluster_secret_file`` (the path, never the key)
             ray        local: a new Ray node on 127.0.0.1, no dashboard (deploy.local_ray);
                        --address: connect to that cluster
             serve      Serve's controller with the file's proxy options, then the file's
                        applications — the same call `serve run serve.yaml` makes
             ready      the app RUNNING (every replica constructed: workers registered and
                        SERVING), the router's gRPC health SERVING → one line on stdout:
-                       "serving gRPC on HOST:PORT"
+                       "serving gRPC on HOST:PORT", then (unless the router's
+                       http_port is null) "serving HTTP on HOST:PORT"
     stop    (SIGINT / SIGTERM)  the app is deleted — every replica drains — then, if we
             started them, Serve, Ray and Redis stop. A second signal skips the drain.
 
@@ -31,8 +38,10 @@ from types import FrameType
 from typing import Any, TextIO
 
 from common import env
+from common.cluster_secret import ClusterSecret
 from common.grpc_server import wait_healthy
-from common.ready_line import format_up_ready
+from common.ready_line import format_up_http_ready, format_up_ready
+from common.redis_client import redact_url
 from common.redis_process import RedisProcess
 from deploy.local_ray import connect, init_local, pin_to_loopback
 from deploy.serve_config import DEFAULT_CONFIG, ServeConfig
@@ -44,6 +53,10 @@ class UpOptions:
     address: str | None = None  # None: start a local Ray node on 127.0.0.1
     redis_url: str | None = None  # None: private redis-server (local), else args / env
     port: int | None = None  # the router's gRPC port (None: the config's)
+    http_port: int | None = None  # the router's HTTP port (None: the config's, 8000)
+    api_key_file: str | None = None  # API keys on both public ports (None: the config's)
+    cluster_secret_file: str | None = None  # None: the args' one, else a generated one
+    redis_password_file: str | None = None  # None: the args' one (or the URL's password)
     num_cpus: int | None = None  # local Ray's CPUs (None: this machine's)
     ready_timeout_s: float = 600.0
 
@@ -57,9 +70,11 @@ class Up:
         self.options = options
         self.err = err
         self.endpoint: str | None = None
+        self.http_endpoint: str | None = None  # the OpenAI-compatible HTTP API, if served
         self._redis: RedisProcess | None = None
         self._owns_ray = False
         self._app: str | None = None
+        self._generated: list[Path] = []  # secret files we wrote: removed on teardown
         self._overrides: dict[str, Any] = {}  # what start() resolved: redis_url, router port
 
     def start(self) -> str:
@@ -68,14 +83,37 @@ class Up:
         if opts.address is None:
             pin_to_loopback()  # before anything imports ray (the config check does)
         config = ServeConfig.load(opts.config)
+        if opts.address is None and _uses_default_model(config):
+            # Before Ray: convert once here, with progress on our stderr, rather than in
+            # the replicas (whose output only Ray's logs see).
+            from engine.model_loader import ensure_default_model
+
+            ensure_default_model(err=self.err)
         redis_url = opts.redis_url or config.args.redis_url
+        password_file = opts.redis_password_file or config.args.redis_password_file
         if opts.address is None and redis_url is None:
             self._redis = RedisProcess().start()
-            redis_url = self._redis.url
+            # The URL without its password goes into the app config (Serve shows it); the
+            # password reaches the replicas as a file, like the cluster secret.
+            password = self._redis.password
+            assert password is not None  # RedisProcess always sets one
+            path = self._secret_path("redis.password")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            redis_url, password_file = self._redis.url_without_password, str(path)
         redis_url = redis_url or env.redis_url()
         if redis_url is None:
             raise ValueError("on an existing cluster, give --redis-url (or $PDSERVE_REDIS_URL)")
-        self._overrides = {"redis_url": redis_url, "router_port": opts.port}
+        self._overrides = {
+            "redis_url": redis_url,
+            "router_port": opts.port,
+            "router_http_port": opts.http_port,
+            # Replicas run elsewhere: an absolute path (read there, never sent as keys).
+            "router_api_key_file": opts.api_key_file and str(Path(opts.api_key_file).resolve()),
+            "cluster_secret_file": self._cluster_secret(config),
+            "redis_password_file": password_file,
+        }
         config = config.with_args(config.args.with_overrides(**self._overrides))
         self._app = config.app_name
 
@@ -86,10 +124,11 @@ class Up:
             self._owns_ray = True
         else:
             gcs = connect(opts.address)
-        self._say(f"ray {gcs} · redis {redis_url} · app {self._app}")
+        self._say(f"ray {gcs} · redis {redact_url(redis_url)} · app {self._app}")
 
         _deploy(config)
-        self.endpoint = self._wait_ready(config.app_name, opts.ready_timeout_s)
+        tls = config.args.router_config(redis_url="redis://validation-only").tls_cert_file
+        self.endpoint = self._wait_ready(config.app_name, opts.ready_timeout_s, tls is None)
         _write_state({"pid": os.getpid(), "ray_address": gcs, "redis_url": redis_url,
                       "grpc": self.endpoint, "app": self._app})  # fmt: skip
         return self.endpoint
@@ -135,9 +174,28 @@ class Up:
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
+        for path in self._generated:
+            path.unlink(missing_ok=True)
+        self._generated = []
         self._say("stopped")
 
-    def _wait_ready(self, app: str, timeout_s: float) -> str:
+    def _cluster_secret(self, config: ServeConfig) -> str:
+        """The secret file router and workers get; a fresh one unless one was given."""
+        given = self.options.cluster_secret_file or config.args.cluster_secret_file
+        if given:
+            ClusterSecret.from_file(given)  # fail here, not in every replica
+            return given
+        return str(ClusterSecret.generate().write(self._secret_path("cluster.secret")))
+
+    def _secret_path(self, name: str) -> Path:
+        """A fresh path for an owner-only file of ours, removed again on teardown."""
+        path = env.cache_dir() / "secrets" / f"{os.getpid()}-{name}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # O_CREAT below then applies mode 0600
+        self._generated.append(path)
+        return path
+
+    def _wait_ready(self, app: str, timeout_s: float, probe: bool = True) -> str:
         from ray import serve
 
         deadline = time.monotonic() + timeout_s
@@ -157,8 +215,11 @@ class Up:
                     said.add(d.message)
                     self._say(f"{name}: {d.message}")
             time.sleep(0.5)
-        endpoint = serve.get_app_handle(app).address.remote().result(timeout_s=60)
-        wait_healthy(endpoint, timeout_s=30)
+        handle = serve.get_app_handle(app)
+        endpoint = handle.address.remote().result(timeout_s=60)
+        self.http_endpoint = handle.http_address.remote().result(timeout_s=60)
+        if probe:  # over TLS the replica's own health check stands (RouterHost)
+            wait_healthy(endpoint, timeout_s=30)
         return str(endpoint)
 
     def _say(self, line: str) -> None:
@@ -175,6 +236,8 @@ def run(options: UpOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) 
         endpoint = up.start()
         signals.install()  # again: ray.init replaced the SIGTERM handler with sys.exit
         print(format_up_ready(endpoint), file=out, flush=True)
+        if up.http_endpoint is not None:
+            print(format_up_http_ready(up.http_endpoint), file=out, flush=True)
         while True:
             time.sleep(1.0)
     except _Interrupted:
@@ -219,6 +282,20 @@ class _Signals:
         print(f"pdserve up: {name} ignored while Ray and Redis stop", file=sys.stderr)
 
 
+def _uses_default_model(config: ServeConfig) -> bool:
+    """Whether the router or a worker of ``config`` runs the default (converted) model."""
+    args, check = config.args, "redis://validation-only"
+    if any(pool.model_path is None for pool in args.router_config(redis_url=check).pools):
+        return True
+    return any(
+        args.worker_config(
+            role, config.worker_section(role), worker_id="check", redis_url=check
+        ).engine.model
+        is None
+        for role in args.workers
+    )
+
+
 def _deploy(config: ServeConfig) -> None:
     # The same two calls `serve run serve.yaml` makes (ray.serve.scripts.run).
     from ray.serve._private.api import serve_start
@@ -237,7 +314,11 @@ def _deploy(config: ServeConfig) -> None:
 def _write_state(state: dict[str, Any]) -> None:
     path = state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2) + "\n")
+    # Owner-only: the Redis URL in it may carry the registry's password.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state, indent=2) + "\n")
 
 
 def _remove_state() -> None:

@@ -62,7 +62,11 @@ class WorkerHost:
     async def wait_ready(self, timeout_s: float = 300.0) -> WorkerInfo:
         """Until registered and SERVING; raises the worker's own error if it died first."""
         assert self.config.redis_url is not None
-        reader = SyncRegistryReader(self.config.redis_url, self.config.namespace)
+        reader = SyncRegistryReader(
+            self.config.redis_url,
+            self.config.namespace,
+            password_file=self.config.redis_password_file,
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while True:

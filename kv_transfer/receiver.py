@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 
+from common.cluster_secret import load_secret
 from engine.kv_cache import KVCache
 from kv_transfer.expected import ExpectedTransfers
 from kv_transfer.interfaces import KVReceiver
@@ -44,7 +45,13 @@ class TorchDistReceiver(KVReceiver):
         self._expected = ExpectedTransfers(store, self.stats, cfg.max_chunk_bytes)
         self._lock = threading.Lock()
         self._pairs: dict[int, ReceiverPair] = {}
-        self._acceptor = Acceptor(store, self.handshake, self._on_join, cfg.idle_timeout_s)
+        self._acceptor = Acceptor(
+            store,
+            self.handshake,
+            self._on_join,
+            cfg.idle_timeout_s,
+            load_secret(cfg.cluster_secret_file),
+        )
         self._monitor = Monitor(cfg.poll_interval_s, self._expected.expire, "kv-recv-monitor")
 
     @property

@@ -7,11 +7,18 @@ decode worker hands to the prefill worker. Senders are store clients.
 
 Join (sender-initiated, once per pair and again after every teardown)::
 
-    S: queue_push("join", {name, handshake, reply key})
-    R (acceptor thread, blocked in queue_pop): compare handshakes, pick the pair index k,
-       set(reply key, {ok, error, handshake, k}); if ok start the pair as rank 0
-    S: wait(reply key); refused -> IncompatiblePeer; else join as rank 1
+    S: queue_push("join", {name, handshake, reply key, proof})
+    R (acceptor thread, blocked in queue_pop): check the proof, compare handshakes, pick
+       the pair index k, set(reply key, {ok, error, handshake, k, proof}); if ok start the
+       pair as rank 0
+    S: wait(reply key); refused or no valid proof -> IncompatiblePeer; else join as rank 1
     both: ProcessGroupGloo | ProcessGroupNCCL over PrefixStore("pair/{k}/", store)
+
+Proofs (with a cluster secret, :mod:`common.cluster_secret`): the sender's is an HMAC over
+its name and its fresh reply key ("kv-join"), the receiver's an HMAC over that reply key
+("kv-accept"), so each side knows the other holds the secret before any group exists and
+any tensor moves. A side without a secret sends no proof and checks none; a side with one
+refuses a peer whose proof is missing or wrong.
 
 A queue rather than numbered keys: a sender that dies half-way leaves nothing behind that
 could block the next one, and the acceptor blocks in one long ``queue_pop`` (woken by a
@@ -37,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.cluster_secret import ClusterSecret
 from kv_transfer.errors import IncompatiblePeer, PeerLost
 from kv_transfer.types import Handshake, PeerAddress
 
@@ -121,11 +129,18 @@ def destroy_group(group: dist.ProcessGroup | None) -> None:
 
 
 def request_join(
-    store: dist.TCPStore, name: str, handshake: Handshake, address: PeerAddress, timeout_s: float
+    store: dist.TCPStore,
+    name: str,
+    handshake: Handshake,
+    address: PeerAddress,
+    timeout_s: float,
+    secret: ClusterSecret | None = None,
 ) -> int:
     """Sender side of the join; returns the pair index or raises IncompatiblePeer/PeerLost."""
     reply_key = f"join/reply/{name}/{uuid.uuid4().hex}"
-    hello = {"name": name, "handshake": handshake.to_dict(), "reply": reply_key}
+    hello: dict[str, Any] = {"name": name, "handshake": handshake.to_dict(), "reply": reply_key}
+    if secret is not None:
+        hello["proof"] = secret.sign("kv-join", _join_text(name, reply_key))
     try:
         store.queue_push(JOIN_QUEUE, json.dumps(hello))
         store.wait([reply_key], _td(timeout_s))
@@ -138,6 +153,8 @@ def request_join(
         if reply.get("incompatible"):
             raise IncompatiblePeer(refusal, by_peer=True)
         raise PeerLost(refusal, by_peer=True)  # e.g. shutting down
+    if secret is not None and not secret.verify("kv-accept", reply_key, reply.get("proof")):
+        raise IncompatiblePeer(f"receiver {address} did not prove the cluster secret")
     problem = handshake.mismatch(Handshake.from_dict(reply["handshake"]), "sender", "receiver")
     if problem:
         raise IncompatiblePeer(f"incompatible receiver {address}: {problem}")
@@ -156,8 +173,10 @@ class Acceptor:
         handshake: Handshake,
         on_join: JoinHandler,
         idle_timeout_s: float,
+        secret: ClusterSecret | None = None,
     ) -> None:
         self._store = store  # only to push the stop item
+        self._secret = secret
         self._client = store.clone()  # blocks in queue_pop; must not hold anyone else's lock
         self._client.set_timeout(_td(idle_timeout_s))
         self._handshake = handshake
@@ -195,6 +214,11 @@ class Acceptor:
             problem = self._handshake.mismatch(theirs, "receiver", "sender")
         except TypeError as exc:  # another protocol version's fields
             theirs, problem = None, f"unreadable handshake ({exc})"
+        name, reply_key = str(hello.get("name")), str(hello.get("reply"))
+        if self._secret is not None and not self._secret.verify(
+            "kv-join", _join_text(name, reply_key), hello.get("proof")
+        ):
+            problem = "no valid cluster-secret proof (is cluster_secret_file the same?)"
         if problem or theirs is None:
             error: str | None = f"incompatible KV peer: {problem}"
         else:
@@ -208,7 +232,13 @@ class Acceptor:
             "handshake": self._handshake.to_dict(),
             "pair": pair,
         }
+        if self._secret is not None:
+            reply["proof"] = self._secret.sign("kv-accept", reply_key)
         self._client.set(hello["reply"], json.dumps(reply))
+
+
+def _join_text(name: str, reply_key: str) -> str:
+    return f"{name}\0{reply_key}"
 
 
 def _short(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ from collections import deque
 
 import torch.distributed as dist
 
+from common.cluster_secret import load_secret
 from engine.kv_cache import KVCache
 from kv_transfer.errors import PeerLost, ProtocolError, TransferAborted, TransferError
 from kv_transfer.packing import Staging, run_in_inference_mode
@@ -73,6 +74,7 @@ class SenderPair:
         self._cache = cache
         self._handshake = handshake
         self._config = config
+        self._secret = load_secret(config.cluster_secret_file)  # proves us at each join
         self._name = name
         self._staging = Staging(cache.device, slots=config.pipeline_depth)
         self._peer_depth = 2  # the receiver's, from its last ACCEPT
@@ -193,7 +195,9 @@ class SenderPair:
         remaining = max(transfer.deadline - time.monotonic(), 0.05)
         timeout = min(self._config.connect_timeout_s, remaining)
         rendezvous = connect_store(self.address, timeout)
-        index = request_join(rendezvous, self._name, self._handshake, self.address, timeout)
+        index = request_join(
+            rendezvous, self._name, self._handshake, self.address, timeout, self._secret
+        )
         try:
             group = new_pair_group(
                 rendezvous, index, 1, self._cache.device, self._config.host, timeout

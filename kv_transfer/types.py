@@ -158,6 +158,9 @@ class TransferConfig:
     grace_s: float = 5.0  # after a transfer failed, how long its frames may still drain
     poll_interval_s: float = 0.02  # deadline checks and peer-abort polling
     idle_timeout_s: float = 24 * 3600.0  # a receiver pair waiting for the next transfer
+    # The cluster secret's file (common.cluster_secret): both sides of a join prove they
+    # hold it (kv_transfer.rendezvous). None = peers are not authenticated.
+    cluster_secret_file: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

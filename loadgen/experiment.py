@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common import env
 from loadgen.driver import LoadSpec, RunRecords, drive
 from loadgen.oracle import best_hits
 from loadgen.summary import Slo, summarize
@@ -41,7 +42,7 @@ def run_experiment(url: str, spec: RunSpec, tokenizer: Any) -> dict[str, Any]:
 
 
 async def _run(url: str, spec: RunSpec, sessions: list[Session], tokenizer: Any) -> dict:
-    target = open_target(url, spec.model)
+    target = open_target(url, spec.model, env.api_key())
     try:
         run = await drive(target, sessions, spec.load)
     finally:

@@ -161,6 +161,7 @@ class OurStack(Service):
         self._cluster = LocalCluster(spec.workers, self.log_dir, namespace=f"bench-{spec.name}")
         self._router: RouterProcess | None = None
         self.url = ""
+        self.http_url = ""  # the router's OpenAI-compatible HTTP API
 
     def start(self) -> OurStack:
         self._cluster.start()
@@ -174,6 +175,7 @@ class OurStack(Service):
                 self.log_dir / "router.log",
             ).wait_ready()  # fmt: skip
             self.url = f"grpc://{self._router.address}"
+            self.http_url = f"http://{self._router.http_address}"
             wait_for_workers(self._router.address, self.spec, self._timeout_s)
         except BaseException:
             self.stop()

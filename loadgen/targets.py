@@ -7,7 +7,8 @@
 
 ``send`` never raises for a server-side failure: it writes the status into
 ``record.error`` (the gRPC status name, ``HTTP_<code>``, ``TIMEOUT`` or ``CONNECTION``), so
-one bad request never ends a run. Cancellation (the run's deadline) propagates.
+one bad request never ends a run. Cancellation (the run's deadline) propagates. An
+``api_key`` goes out as ``authorization: Bearer`` (gRPC metadata or the HTTP header).
 """
 
 from __future__ import annotations
@@ -35,25 +36,26 @@ class Target(Protocol):
     async def close(self) -> None: ...
 
 
-def open_target(url: str, model: str = "") -> Target:
+def open_target(url: str, model: str = "", api_key: str | None = None) -> Target:
     """``grpc://host:port`` → :class:`GrpcTarget`; ``http(s)://…`` → :class:`OpenAITarget`."""
     if url.startswith("grpc://"):
-        return GrpcTarget(url.removeprefix("grpc://"), model)
+        return GrpcTarget(url.removeprefix("grpc://"), model, api_key)
     if url.startswith(("http://", "https://")):
-        return OpenAITarget(url, model)
+        return OpenAITarget(url, model, api_key)
     raise ValueError(f"target {url!r}: expected grpc://HOST:PORT or http://HOST:PORT")
 
 
 class GrpcTarget:
     """pdserve's router: ``Generation.Generate`` with chat messages, one channel."""
 
-    def __init__(self, address: str, model: str = "") -> None:
+    def __init__(self, address: str, model: str = "", api_key: str | None = None) -> None:
         import grpc
 
         from proto import serving_pb2_grpc
 
         self.name = f"grpc://{address}"
         self._model = model
+        self._metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = serving_pb2_grpc.GenerationStub(self._channel)
 
@@ -75,7 +77,8 @@ class GrpcTarget:
         parts: list[str] = []
         record.sent_s = clock()
         try:
-            async for response in self._stub.Generate(message, timeout=timeout_s):
+            calls = self._stub.Generate(message, timeout=timeout_s, metadata=self._metadata)
+            async for response in calls:
                 chunk = chunk_from_proto(response)  # the router client's own translation
                 if chunk.token_ids:
                     record.add_chunk(clock(), len(chunk.token_ids))
@@ -103,10 +106,11 @@ class GrpcTarget:
 class OpenAITarget:
     """``POST /v1/chat/completions`` with ``stream: true``, read as server-sent events."""
 
-    def __init__(self, base_url: str, model: str) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None) -> None:
         self.name = base_url
         self._url = base_url.rstrip("/") + "/v1/chat/completions"
         self._model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def _client(self) -> aiohttp.ClientSession:
@@ -140,7 +144,8 @@ class OpenAITarget:
         record.sent_s = clock()
         try:
             async with asyncio.timeout(timeout_s):
-                async with session.post(self._url, json=self.body(request)) as response:
+                body = self.body(request)
+                async with session.post(self._url, json=body, headers=self._headers) as response:
                     if response.status != 200:
                         record.error = f"HTTP_{response.status}"
                     else:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.cluster_secret import ClusterSecret, call_metadata
 from proto import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ _OPTIONS = (
 
 
 class ChannelPool:
-    def __init__(self, linger_s: float = 60.0) -> None:
+    def __init__(self, linger_s: float = 60.0, secret: ClusterSecret | None = None) -> None:
         self._linger_s = linger_s
+        # Worker RPCs carry the cluster token: pass as ``metadata=`` (None: open cluster).
+        self.metadata = call_metadata(secret)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
         self._gone_since: dict[str, float] = {}

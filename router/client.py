@@ -7,6 +7,9 @@
     # what `pdserve chat "prompt"` / `pdserve generate "prompt"` call:
     exit_code = run("127.0.0.1:50051", "Hi!", chat=True, max_tokens=64)
 
+A router that requires API keys gets ``api_key=`` as ``authorization: Bearer`` metadata;
+one serving TLS is dialled with ``tls_ca_file=`` (the PEM CA, or certificate, to trust).
+
 Requests and replies are translated by :mod:`router.api_proto`, the same module the
 servicer uses; the rest is grpcio. It imports only :mod:`router.api` and
 :mod:`router.api_proto` of the router (no tokenizer, no Redis): usable from any Python
@@ -19,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -71,25 +75,49 @@ def build_request(
     return api_proto.input_to_proto(req)
 
 
+def auth_metadata(api_key: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
+def open_channel(address: str, tls_ca_file: str | None = None) -> grpc.Channel:
+    if tls_ca_file is None:
+        return grpc.insecure_channel(address)
+    roots = Path(tls_ca_file).read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
+
+
 def stream_generate(
-    address: str, request: serving_pb2.GenerateRequest, timeout_s: float | None = None
+    address: str,
+    request: serving_pb2.GenerateRequest,
+    timeout_s: float | None = None,
+    api_key: str | None = None,
+    tls_ca_file: str | None = None,
 ) -> Iterator[serving_pb2.GenerateResponse]:
     """The router's responses as they arrive; raises grpc.RpcError on an error status.
 
     Closing the iterator early (``break``) cancels the request on the router and workers.
     """
-    with grpc.insecure_channel(address) as channel:
-        call = serving_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout_s)
+    with open_channel(address, tls_ca_file) as channel:
+        call = serving_pb2_grpc.GenerationStub(channel).Generate(
+            request, timeout=timeout_s, metadata=auth_metadata(api_key)
+        )
         try:
             yield from call
         finally:
             call.cancel()
 
 
-def list_models(address: str, timeout_s: float = 5.0) -> list[ModelCard]:
-    with grpc.insecure_channel(address) as channel:
+def list_models(
+    address: str,
+    timeout_s: float = 5.0,
+    api_key: str | None = None,
+    tls_ca_file: str | None = None,
+) -> list[ModelCard]:
+    with open_channel(address, tls_ca_file) as channel:
         stub = serving_pb2_grpc.GenerationStub(channel)
-        reply = stub.ListModels(api_proto.list_models_request(), timeout=timeout_s)
+        reply = stub.ListModels(
+            api_proto.list_models_request(), timeout=timeout_s, metadata=auth_metadata(api_key)
+        )
         return api_proto.models_from_proto(reply)
 
 
@@ -160,6 +188,8 @@ def run(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     verbose: bool = True,
+    api_key: str | None = None,
+    tls_ca_file: str | None = None,
     **options: object,
 ) -> int:
     """Stream a reply to the terminal; returns a process exit code (0 ok, 1 error).
@@ -170,7 +200,8 @@ def run(
     """
     request = build_request(prompt, chat=chat, **options)  # type: ignore[arg-type]
     try:
-        result = collect(stream_generate(address, request, timeout_s), out)
+        responses = stream_generate(address, request, timeout_s, api_key, tls_ca_file)
+        result = collect(responses, out)
     except grpc.RpcError as exc:
         out.write("\n")
         err.write(f"error: {exc.code().name}: {exc.details()}\n")  # type: ignore[attr-defined]

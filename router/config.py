@@ -7,8 +7,15 @@ of the default model)::
 
     host: 127.0.0.1
     port: 50051                 # 0 = a free port; the ready line prints the real one
+    http_port: 8000             # OpenAI-compatible HTTP API; 0 = a free port, null = none
+    api_key_file: null          # one API key per line (blank / # lines skipped); null = open
+    tls_cert_file: null         # PEM certificate chain; with tls_key_file: TLS on both ports
+    tls_key_file: null          # PEM private key
+    tls_client_ca_file: null    # PEM CA bundle: clients must present a certificate (mutual TLS)
     metrics_port: null          # Prometheus /metrics; 0 = a free port, null = none
-    redis_url: redis://127.0.0.1:6379/0
+    redis_url: redis://127.0.0.1:6379/0   # redis://:PASSWORD@host:port/0; rediss:// = TLS
+    redis_password_file: null   # Redis password, one line (when the URL carries none)
+    cluster_secret_file: null   # the workers' cluster secret: signed registrations, RPC token
     namespace: pdserve          # registry key namespace (shared with the workers)
     default_pool: chat          # default: the first pool
     refresh_interval_s: 0.1     # registry snapshot refresh
@@ -147,8 +154,15 @@ class RouterConfig:
     default_pool: str | None = None  # None: the first pool
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = 8000
+    api_key_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     metrics_port: int | None = None
     redis_url: str | None = None
+    redis_password_file: str | None = None
+    cluster_secret_file: str | None = None  # None: unsigned workers are routed to too
     namespace: str = "pdserve"
     refresh_interval_s: float = 0.1
     quarantine_s: float = 5.0
@@ -166,9 +180,17 @@ class RouterConfig:
         _require(self.default_pool in names, f"default_pool {self.default_pool!r} not a pool")
         for route in self.semantic.routes:
             _require(route.pool in names, f"route {route.name}: unknown pool {route.pool!r}")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "http_port", "metrics_port"):
             value = getattr(self, name)
             _require(value is None or 0 <= value < 65536, f"{name} out of range: {value}")
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file and tls_key_file go together",
+        )
+        _require(
+            self.tls_client_ca_file is None or self.tls_cert_file is not None,
+            "tls_client_ca_file needs tls_cert_file and tls_key_file",
+        )
         for name in ("refresh_interval_s", "quarantine_s", "prediction_ttl_s"):
             _require(getattr(self, name) > 0, f"{name} must be > 0")
 

@@ -8,6 +8,8 @@ the request path. Several routers reading one Redis see the same workers.
 Draining workers (their load says so) are left out. If Redis stays unreachable for
 ``stale_after_s`` the snapshots empty out: routing to workers nobody can vouch for is worse
 than UNAVAILABLE. ``on_refresh(live_ids)`` lets the owner forget state of departed workers.
+With a cluster secret, registrations not signed with it never reach the view: the
+registry client drops them (and logs each fake worker once; :mod:`common.registry_signing`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""One router process's wiring: config in, a serving gRPC port out.
+"""One router process's wiring: config in, serving gRPC and HTTP ports out.
 
 Lifecycle (used by ``python -m router`` and by the Ray deployment alike)::
 
     server = RouterServer(config)          # nothing started yet
     await server.start()                   # tokenizers, semantic model (if routes), Redis
                                            # registry view + KV event follower, gRPC server
-                                           # (Generation + health + reflection), /metrics
-    server.address                         # "127.0.0.1:PORT"
+                                           # (Generation + health + reflection), the
+                                           # OpenAI HTTP API (same Generator), /metrics
+    server.address                         # "127.0.0.1:PORT" (gRPC)
+    server.http_address                    # "127.0.0.1:PORT", or None without http_port
     await server.stop(grace_s)             # health NOT_SERVING, in-flight streams finish
                                            # within grace_s, then background tasks and Redis
 
@@ -19,13 +21,16 @@ import asyncio
 import logging
 
 from common import env
+from common.cluster_secret import load_secret
 from common.grpc_server import GrpcServer
 from common.registry import Registry
 from proto import serving_pb2_grpc
 from router.api_proto import SERVICE_NAME
+from router.auth import ApiKeyInterceptor, load_keys
 from router.channels import ChannelPool
 from router.config import RouterConfig
 from router.generation import Generator, PoolRuntime
+from router.http_server import HttpServer, build_app
 from router.index import PrefixIndex
 from router.kv_follower import KVEventFollower
 from router.metrics import RouterMetrics
@@ -34,6 +39,7 @@ from router.registry_view import RegistryView
 from router.semantic import MiniLMEmbedder, SemanticRouter
 from router.service import GenerationServicer
 from router.stream import DecodeStreamer
+from router.tls import grpc_server_credentials, uvicorn_ssl_options
 from router.tokenizer import ModelTokenizer
 from router.tracker import WorkerTracker
 
@@ -50,9 +56,17 @@ class RouterServer:
             raise ValueError("the router needs a redis_url (--redis-url or $PDSERVE_REDIS_URL)")
         self.config = config
         self.metrics = metrics or RouterMetrics()
-        self.registry = Registry(config.redis_url, config.namespace)
+        # The cluster secret: only signed registrations are routed to, and worker RPCs
+        # carry its token (common.cluster_secret).
+        secret = load_secret(config.cluster_secret_file)
+        self.registry = Registry(
+            config.redis_url,
+            config.namespace,
+            password_file=config.redis_password_file,
+            secret=secret,
+        )
         self.tracker = WorkerTracker(config.quarantine_s)
-        self.channels = ChannelPool()
+        self.channels = ChannelPool(secret=secret)
         self.indexes = {p.name: PrefixIndex(config.prediction_ttl_s) for p in config.pools}
         self.view = RegistryView(
             self.registry,
@@ -65,6 +79,8 @@ class RouterServer:
         self.generator: Generator | None = None
         self._streamer: DecodeStreamer | None = None
         self._grpc: GrpcServer | None = None
+        self._http: HttpServer | None = None
+        self._keys = load_keys(config.api_key_file)  # never logged
         self._metrics_port: int | None = None
 
     @property
@@ -72,6 +88,10 @@ class RouterServer:
         if self._grpc is None:
             raise RuntimeError("RouterServer.address is only known after start()")
         return self._grpc.address
+
+    @property
+    def http_address(self) -> str | None:
+        return self._http.address if self._http is not None else None
 
     @property
     def metrics_address(self) -> str | None:
@@ -106,14 +126,20 @@ class RouterServer:
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ],
+            interceptors=[ApiKeyInterceptor(self._keys, [SERVICE_NAME])] if self._keys else [],
+            credentials=grpc_server_credentials(cfg),
         )
         await self._grpc.start()
+        if cfg.http_port is not None:
+            app = build_app(self.generator, self._keys, _MAX_MESSAGE_BYTES)
+            self._http = HttpServer(app, cfg.host, cfg.http_port, uvicorn_ssl_options(cfg))
+            await self._http.start()
         if cfg.metrics_port is not None:
             self._metrics_port = self.metrics.metrics.start_http(cfg.metrics_port, cfg.host)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self._grpc is not None:
-            await self._grpc.stop(grace_s)
+        stopping = [s.stop(grace_s) for s in (self._grpc, self._http) if s is not None]
+        await asyncio.gather(*stopping)
         await self.follower.stop()
         await self.view.stop()
         if self._streamer is not None:

@@ -101,7 +101,9 @@ class DecodeStreamer:
             tokens = 0
             try:
                 call = self._channels.decode_stub(decision.decode.info.grpc_address).Decode(
-                    _decode_request(request, decision), timeout=_remaining(deadline)
+                    _decode_request(request, decision),
+                    timeout=_remaining(deadline),
+                    metadata=self._channels.metadata,
                 )
                 async for response in call:
                     delta = _delta(response, decision, attempts)

@@ -12,12 +12,16 @@ and ``generation_config.json`` — and reproduces what the engine does with them
 - text is decoded with special tokens skipped.
 
 The default model lives at ``<cache_dir>/models/SmolLM2-135M-Instruct`` once converted
-(``make`` does it; the engine does it on first use).
+(``make`` does it; the engine does it on first use). A router started before it is converted
+runs the engine's converter, ``python -m engine.prepare_model``, in a child process (the
+router itself never imports torch); its progress lines go to the router's stderr.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +32,7 @@ from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from common import env
+from common import env, model_cache
 from router.config import DEFAULT_MODEL_NAME
 
 
@@ -39,6 +43,23 @@ class ModelFilesError(RuntimeError):
 def default_model_dir() -> Path:
     """Where the engine converts the default model (same path as engine.model_loader)."""
     return env.cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def ensure_default_converted(timeout_s: float = 900.0) -> None:
+    """Convert the default model if it is not yet (in a child: the converter needs torch)."""
+    if model_cache.is_converted(default_model_dir()):
+        return
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.prepare_model"],
+        stdout=2,  # its report line beside its progress lines, on our stderr
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ModelFilesError(
+            f"converting the default model failed (python -m engine.prepare_model exited "
+            f"{done.returncode}; its output is above)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +89,10 @@ class ModelTokenizer:
     @classmethod
     def load(cls, model_dir: str | Path | None) -> ModelTokenizer:
         path = Path(model_dir).expanduser() if model_dir else default_model_dir()
+        if model_dir is None:
+            ensure_default_converted()
         if not (path / "tokenizer.json").is_file():
-            hint = " (run `make` to convert the default model)" if model_dir is None else ""
-            raise ModelFilesError(f"no tokenizer.json in {str(path)!r}{hint}")
+            raise ModelFilesError(f"no tokenizer.json in {str(path)!r}")
         tok_config = _read_json(path / "tokenizer_config.json")
         template = tok_config.get("chat_template")
         if (path / "chat_template.jinja").is_file():

@@ -1,17 +1,17 @@
-"""Test-wide environment: offline, loopback, model cache, and Triton's interpreter on CPU.
+"""Test-wide environment: offline, loopback, and Triton's interpreter on CPU.
 
 This runs before any test module imports torch, transformers or triton, which matters:
-Triton fixes interpreted-vs-compiled mode when it is first imported.
+Triton fixes interpreted-vs-compiled mode when it is first imported. The model cache is the
+one every entry point uses (``common.env.cache_dir()``: ``$PDSERVE_CACHE_DIR`` or
+``~/.cache/pdserve``).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from common.env import apply_offline_defaults
 
-os.environ.setdefault("PDSERVE_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
 apply_offline_defaults()  # the same offline / loopback defaults every entry point sets
 
 import torch  # noqa: E402  (after the environment above)

@@ -15,7 +15,10 @@ YAML layout (every key optional)::
     host: 127.0.0.1             # gRPC (and metrics) bind address
     port: 0                     # 0 = a free port; the ready line prints the real one
     metrics_port: 0             # null = no /metrics endpoint
-    redis_url: redis://127.0.0.1:6379/0   # null = no registry (standalone worker)
+    redis_url: redis://127.0.0.1:6379/0   # null = no registry (standalone worker);
+                                # redis://:PASSWORD@host:port/0, rediss:// for TLS
+    redis_password_file: null   # Redis password, one line (when the URL carries none)
+    cluster_secret_file: null   # the cluster secret: worker RPCs, registration, KV joins
     namespace: pdserve
     heartbeat_interval_s: 0.25
     heartbeat_ttl_s: 3.0
@@ -61,6 +64,10 @@ class WorkerConfig:
     port: int = 0
     metrics_port: int | None = 0
     redis_url: str | None = None
+    redis_password_file: str | None = None
+    # The cluster secret (common.cluster_secret): callers of this worker's RPCs, its
+    # registration's readers and its KV peers must hold it. None = an open worker.
+    cluster_secret_file: str | None = None
     namespace: str = "pdserve"
     heartbeat_interval_s: float = 0.25
     heartbeat_ttl_s: float = 3.0
@@ -78,6 +85,10 @@ class WorkerConfig:
         )
         if not self.pool:
             raise ValueError("pool must be non-empty")
+        if self.cluster_secret_file and self.kv_transfer.cluster_secret_file is None:
+            # One key in the YAML; the KV transport reads the same file for its joins.
+            kv = dataclasses.replace(self.kv_transfer, cluster_secret_file=self.cluster_secret_file)
+            object.__setattr__(self, "kv_transfer", kv)
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 65536:
@@ -137,6 +148,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--port", "port", int, "gRPC port (0 = free port)"),
     ("--metrics-port", "metrics_port", int, "Prometheus /metrics port (0 = free port)"),
     ("--redis-url", "redis_url", str, "registry Redis URL (default: $PDSERVE_REDIS_URL)"),
+    ("--redis-password-file", "redis_password_file", str, "file holding the Redis password"),
+    ("--cluster-secret-file", "cluster_secret_file", str, "file holding the cluster secret"),
     ("--namespace", "namespace", str, "registry key namespace"),
     ("--heartbeat-interval", "heartbeat_interval_s", float, "seconds between heartbeats"),
     ("--heartbeat-ttl", "heartbeat_ttl_s", float, "registration expiry in seconds"),

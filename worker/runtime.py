@@ -30,6 +30,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+from common.cluster_secret import load_secret
+from common.grpc_auth import ClusterTokenInterceptor
 from common.grpc_server import GrpcServer
 from common.metrics import Metrics
 from common.ready_line import format_ready
@@ -53,6 +55,7 @@ class WorkerRuntime:
         self.config = config
         self.worker_id = config.worker_id or _generate_id(config.role)
         self.metrics = Metrics()
+        self.secret = load_secret(config.cluster_secret_file)  # None: an open worker
         self.draining = False
         self._app: WorkerApp | None = None
         self._stop = asyncio.Event()
@@ -111,6 +114,7 @@ class WorkerRuntime:
                 ),
             ],
             [*app.service_names, CONTROL_SERVICE],
+            interceptors=[ClusterTokenInterceptor(self.secret)] if self.secret else [],
         )
         await server.start()
         metrics_address = None
@@ -144,7 +148,13 @@ class WorkerRuntime:
         if cfg.redis_url is None:
             log.warning("%s: no redis_url; not registering", self.worker_id)
             return None, None
-        registry = Registry(cfg.redis_url, cfg.namespace, cfg.heartbeat_ttl_s)
+        registry = Registry(
+            cfg.redis_url,
+            cfg.namespace,
+            cfg.heartbeat_ttl_s,
+            password_file=cfg.redis_password_file,
+            secret=self.secret,
+        )
         info = WorkerInfo(
             worker_id=self.worker_id,
             role=cfg.role,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common.cluster_secret import ClusterSecret
+from common.grpc_auth import ClusterTokenInterceptor
 from common.grpc_server import GrpcServer
 from common.hashing import ROOT_HASH, block_hashes
 from common.kv_events import BlockStored
@@ -121,7 +123,14 @@ class FakeWorker:
         if role is not WorkerRole.PREFILL:
             self.servicer = FakeDecodeServicer(worker_id, script or default_script, cluster)
             services.append((worker_pb2_grpc.add_DecodeWorkerServicer_to_server, self.servicer))
-        self.server = GrpcServer("127.0.0.1", 0, services, ["pdserve.worker.v1.DecodeWorker"])
+        secret = cluster.secret  # as a real worker: RPCs need the cluster token
+        self.server = GrpcServer(
+            "127.0.0.1",
+            0,
+            services,
+            ["pdserve.worker.v1.DecodeWorker"],
+            interceptors=[ClusterTokenInterceptor(secret)] if secret is not None else [],
+        )
         self._beat: asyncio.Task[None] | None = None
 
     @property
@@ -178,10 +187,19 @@ def default_script(request: worker_pb2.DecodeRequest) -> Script:
 
 
 class FakeCluster:
-    """Fake workers sharing one Registry client (TTL 1 s, so crashes show up quickly)."""
+    """Fake workers sharing one Registry client (TTL 1 s, so crashes show up quickly).
 
-    def __init__(self, redis_url: str, namespace: str, ttl_s: float = 1.0) -> None:
-        self.registry = Registry(redis_url, namespace, heartbeat_ttl_s=ttl_s)
+    With ``secret`` they sign their registrations and require the cluster token."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        ttl_s: float = 1.0,
+        secret: ClusterSecret | None = None,
+    ) -> None:
+        self.secret = secret
+        self.registry = Registry(redis_url, namespace, heartbeat_ttl_s=ttl_s, secret=secret)
         self.workers: dict[str, FakeWorker] = {}
         self._ids = itertools.count()
 

@@ -18,6 +18,7 @@ from router.server import RouterServer
 async def start_router(redis_url: str, namespace: str, **config: Any) -> RouterServer:
     data = {
         "port": 0,
+        "http_port": 0,
         "redis_url": redis_url,
         "namespace": namespace,
         "refresh_interval_s": 0.05,

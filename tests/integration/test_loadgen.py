@@ -61,6 +61,26 @@ def test_bench_run_cli_on_shared_prefix(stack: OurStack, tmp_path: Path) -> None
     assert "shared_prefix" in done.stdout and "| run |" in done.stdout
 
 
+def test_bench_run_over_the_routers_http_api(stack: OurStack, tmp_path: Path) -> None:
+    """The same router's OpenAI-compatible HTTP port as a `pdserve bench run` target: a
+    tiny bounded run, every request completes with its tokens and the cached counts."""
+    command = [
+        sys.executable, "-m", "deploy.cli", "bench", "run", "--target", stack.http_url,
+        "--workload", "shared_prefix", "--groups", "1", "--prompts-per-group", "3",
+        "--prefix-tokens", "64", "--question-tokens", "16", "--output-tokens", "4",
+        "--concurrency", "1", "--max-duration", "60", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=180, env=os.environ.copy()
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    summary = result["summary"]
+    assert (summary["completed"], summary["failed"], summary["unsent"]) == (3, 0, 0)
+    assert all(r["output_tokens"] == 4 for r in result["records"])
+    assert summary["hit_ratio"] > 0.3  # prompt_tokens_details.cached_tokens came through
+
+
 def test_multi_turn_replays_the_conversation(stack: OurStack, tokenizer: ModelTokenizer) -> None:
     workload = WorkloadSpec(kind="multi_turn", conversations=2, turns=3, turn_tokens=24,
                             output_tokens=6, seed=5)  # fmt: skip

@@ -107,7 +107,8 @@ def test_wait_until_and_free_port() -> None:
 
 
 def test_router_ready_line() -> None:
-    ready = parse_router_ready("router serving gRPC on 127.0.0.1:5 metrics - pools a,b")
+    ready = parse_router_ready("router serving gRPC on 127.0.0.1:5 http h:6 metrics - pools a,b")
     assert ready is not None and ready.grpc_address == "127.0.0.1:5"
+    assert ready.http_address == "h:6"
     assert ready.metrics_address is None and ready.pools == ("a", "b")
     assert parse_router_ready("prefill worker p serving gRPC on x kv - metrics -") is None

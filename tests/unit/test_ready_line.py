@@ -9,9 +9,11 @@ from common.ready_line import (
     RouterReady,
     format_ready,
     format_router_ready,
+    format_up_http_ready,
     format_up_ready,
     parse_ready,
     parse_router_ready,
+    parse_up_http_ready,
     parse_up_ready,
 )
 
@@ -44,7 +46,7 @@ def test_the_printed_text_is_unchanged() -> None:
     [
         "",
         "2024-01-01 INFO worker.runtime: draining",
-        "router serving gRPC on 127.0.0.1:1 metrics - pools default",
+        "router serving gRPC on 127.0.0.1:1 http - metrics - pools default",
         "fake worker serving gRPC on 127.0.0.1:1",
         "decode worker d serving gRPC on h:1 kv h:2",  # truncated
         "decode worker d serving gRPC on h:1 kv h:2 metrics - extra",
@@ -56,9 +58,19 @@ def test_other_lines_are_not_ready_lines(line: str) -> None:
 
 
 def test_router_and_up_lines_round_trip() -> None:
-    line = format_router_ready("127.0.0.1:50051", None, ("default", "code"))
-    assert line == "router serving gRPC on 127.0.0.1:50051 metrics - pools default,code"
-    assert parse_router_ready(line) == RouterReady("127.0.0.1:50051", None, ("default", "code"))
+    line = format_router_ready("127.0.0.1:50051", "127.0.0.1:8000", None, ("default", "code"))
+    assert line == (
+        "router serving gRPC on 127.0.0.1:50051 http 127.0.0.1:8000 metrics - pools default,code"
+    )
+    assert parse_router_ready(line) == RouterReady(
+        "127.0.0.1:50051", "127.0.0.1:8000", None, ("default", "code")
+    )
+    no_http = format_router_ready("h:1", None, "h:2", ("a",))
+    assert parse_router_ready(no_http) == RouterReady("h:1", None, "h:2", ("a",))
     assert parse_router_ready(format_ready("decode", "d", "h:1", None, None)) is None
     assert parse_up_ready(format_up_ready("127.0.0.1:50051")) == "127.0.0.1:50051"
     assert parse_up_ready("pdserve up: ray 127.0.0.1:6379") is None
+    assert format_up_http_ready("127.0.0.1:8000") == "serving HTTP on 127.0.0.1:8000"
+    assert parse_up_http_ready(format_up_http_ready("127.0.0.1:8000")) == "127.0.0.1:8000"
+    assert parse_up_http_ready(format_up_ready("127.0.0.1:50051")) is None
+    assert parse_up_ready(format_up_http_ready("127.0.0.1:8000")) is None

@@ -83,6 +83,9 @@ def test_defaults_serve_one_default_pool() -> None:
         ({"semantic": {"threshold": 2}}, "threshold"),
         ({"limits": {"max_messages": 0}}, "max_messages"),
         ({"port": 70000}, "port"),
+        ({"http_port": -1}, "http_port"),
+        ({"tls_cert_file": "c.pem"}, "go together"),
+        ({"tls_client_ca_file": "ca.pem"}, "tls_client_ca_file"),
         ({"pools": "a"}, "expected a list"),
     ],
 )
@@ -90,3 +93,11 @@ def test_bad_config_names_the_problem(data: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=None) as err:
         RouterConfig.from_mapping(data)
     assert needle in str(err.value)
+
+
+def test_public_port_keys() -> None:
+    assert RouterConfig().http_port == 8000 and RouterConfig().api_key_file is None
+    config = RouterConfig.from_mapping(
+        {"http_port": None, "api_key_file": "keys", "tls_cert_file": "c", "tls_key_file": "k"}
+    )
+    assert config.http_port is None and config.tls_client_ca_file is None
