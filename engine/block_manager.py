@@ -18,7 +18,10 @@ A sequence's life as seen from here:
   → free           (finish, abort or preemption; tail blocks become evictable first).
 
 The raw API (``allocate_blocks`` / ``free_blocks``) serves the decode side of a KV
-transfer, which reserves blocks that another process fills; those blocks are never cached.
+transfer, which reserves blocks that another process fills. A reservation is not cached;
+once the KV has landed and the blocks join a sequence (``Scheduler.add_prefilled``) their
+full blocks are committed like any computed ones, so the decode side's prefix cache holds
+them too.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
 Every worker uses one torch thread and the same engine flags, so the configurations of a
 comparison differ only in their shape (1P+1D vs 2 colocated), the router's policy, or the
 one setting a configuration is named after (``colocated-256``: a 256-token step budget;
-``disaggregated-page-first``: page-first KV caches). The processes are launched through
+``disaggregated-page-first``: page-first KV caches; ``disaggregated-conditional``: the
+router's conditional disaggregation with its default thresholds). The processes are launched through
 :mod:`common.server_process` and :mod:`common.redis_process`, like the tests' and
 ``pdserve up``'s.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class StackSpec:
     workers: tuple[WorkerSpec, ...]
     policy: str = "prefix_aware"
     load_weight: float | None = None  # prefix_aware's weight of queued tokens (None: default)
+    conditional: Mapping[str, object] | None = None  # the pool's `conditional:`; None: off
 
     @property
     def num_prefill(self) -> int:
@@ -57,7 +59,10 @@ def engine_flags(num_kv_blocks: int = 1024, budget: int = 1024) -> tuple[str, ..
 
 
 def disaggregated(
-    num_kv_blocks: int = 1024, policy: str = "prefix_aware", kv_cache_order: str = ""
+    num_kv_blocks: int = 1024,
+    policy: str = "prefix_aware",
+    kv_cache_order: str = "",
+    conditional: Mapping[str, object] | None = None,
 ) -> StackSpec:
     """One prefill worker and one decode worker (layer-wise KV transfer). The decode
     worker fails a request whose prefill failed (``--on-prefill-failure fail``) rather
@@ -67,12 +72,14 @@ def disaggregated(
     if kv_cache_order:
         flags = (*flags, "--kv-cache-order", kv_cache_order)
         name = f"disaggregated-{kv_cache_order.replace('_', '-')}"
+    if conditional is not None:
+        name = "disaggregated-conditional"
     decode = ("--prefill-timeout", "600", "--on-prefill-failure", "fail", "--layer-wise")
     workers = (
         WorkerSpec("prefill_worker", "prefill-0", flags),
         WorkerSpec("decode_worker", "decode-0", (*flags, *decode)),
     )
-    return StackSpec(name, workers, policy)
+    return StackSpec(name, workers, policy, conditional=conditional)
 
 
 def colocated(
@@ -93,6 +100,8 @@ DISAGG_CONFIGS: dict[str, Callable[[], StackSpec]] = {
     "colocated-256": lambda: colocated(budget=256),
     # whole-block KV layout; its layer-wise sends stage every block
     "disaggregated-page-first": lambda: disaggregated(kv_cache_order="page_first"),
+    # short and cached prompts prefill on the decode worker (router.disagg_policy defaults)
+    "disaggregated-conditional": lambda: disaggregated(conditional={}),
 }
 
 
@@ -186,6 +195,8 @@ class OurStack(Service):
         pool: dict[str, object] = {"name": "default", "policy": self.spec.policy}
         if self.spec.load_weight is not None:
             pool["load_weight"] = self.spec.load_weight
+        if self.spec.conditional is not None:
+            pool["conditional"] = dict(self.spec.conditional)
         return pool
 
     def dead(self) -> list[str]:

@@ -85,7 +85,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("pool", "prefill_worker", "decode_worker", "semantic_route", "policy", "predicted_cached_tokens", "attempts")
+    __slots__ = ("pool", "prefill_worker", "decode_worker", "semantic_route", "policy", "predicted_cached_tokens", "attempts", "prefill_mode")
     POOL_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class Route(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MODE_FIELD_NUMBER: _ClassVar[int]
     pool: str
     prefill_worker: str
     decode_worker: str
@@ -100,7 +101,8 @@ class Route(_message.Message):
     policy: str
     predicted_cached_tokens: int
     attempts: int
-    def __init__(self, pool: _Optional[str] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., semantic_route: _Optional[str] = ..., policy: _Optional[str] = ..., predicted_cached_tokens: _Optional[int] = ..., attempts: _Optional[int] = ...) -> None: ...
+    prefill_mode: str
+    def __init__(self, pool: _Optional[str] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., semantic_route: _Optional[str] = ..., policy: _Optional[str] = ..., predicted_cached_tokens: _Optional[int] = ..., attempts: _Optional[int] = ..., prefill_mode: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "route")

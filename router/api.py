@@ -73,6 +73,7 @@ class RouteInfo:
     policy: str
     predicted_cached_tokens: int
     attempts: int
+    prefill_mode: str = ""  # "remote" (a prefill worker) | "local" (the decode worker)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ def chunk_to_proto(chunk: Chunk) -> serving_pb2.GenerateResponse:
                 policy=r.policy,
                 predicted_cached_tokens=r.predicted_cached_tokens,
                 attempts=r.attempts,
+                prefill_mode=r.prefill_mode,
             )
         )
     return response
@@ -143,6 +144,7 @@ def chunk_from_proto(response: serving_pb2.GenerateResponse) -> Chunk:
             policy=r.policy,
             predicted_cached_tokens=r.predicted_cached_tokens,
             attempts=r.attempts,
+            prefill_mode=r.prefill_mode,
         )
     return Chunk(
         request_id=response.request_id,

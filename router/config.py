@@ -20,6 +20,7 @@ of the default model)::
     default_pool: chat          # default: the first pool
     refresh_interval_s: 0.1     # registry snapshot refresh
     quarantine_s: 5.0           # a worker that just failed is avoided this long
+    max_migrations: 3           # times one stream may resume on another decode worker; 0 = never
     prediction_ttl_s: 10.0      # predicted prefix-index entries not confirmed by an event
     pools:
       - name: chat
@@ -28,6 +29,11 @@ of the default model)::
         policy: prefix_aware    # prefix_aware | round_robin | random | least_loaded
         max_model_len: null     # context cap; null = the model's own
         load_weight: 0.25       # prefix_aware: weight of queued prefill tokens
+        conditional:            # absent / null = always prefill remotely (router.disagg_policy)
+          enabled: true
+          local_max_uncached_tokens: 256             # short / cached prompts prefill locally
+          local_when_prefill_queue_tokens_over: 4096  # ... and any that beat the prefill queue
+          max_decode_running_for_local: 32           # a decode worker this busy never prefills
     semantic:
       threshold: 0.5            # default minimum cosine similarity of a route
       cache_size: 4096          # embeddings cached for identical prompts
@@ -56,6 +62,8 @@ from typing import Any
 
 import yaml
 
+from router.disagg_policy import DisaggThresholds
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what engine.model_loader registers it as
 DEFAULT_POOL = "default"  # the workers' default pool (worker.config)
 # prefix_aware's price of one queued prefill token, in tokens to compute. Below 1 because a
@@ -83,9 +91,19 @@ class PoolConfig:
     policy: Policy = Policy.PREFIX_AWARE
     max_model_len: int | None = None
     load_weight: float = DEFAULT_LOAD_WEIGHT
+    conditional: DisaggThresholds | None = None  # None: always prefill on a prefill worker
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "pool name must be non-empty")
+        if isinstance(self.conditional, Mapping):
+            where = f"pools[{self.name}].conditional"
+            object.__setattr__(
+                self, "conditional", _section(DisaggThresholds, self.conditional, where)
+            )
+        _require(
+            self.conditional is None or isinstance(self.conditional, DisaggThresholds),
+            f"pool {self.name}: conditional must be a mapping",
+        )
         _require(bool(self.model), f"pool {self.name}: model must be non-empty")
         object.__setattr__(self, "policy", _enum(Policy, self.policy, f"pool {self.name}"))
         if self.max_model_len is not None:
@@ -166,6 +184,7 @@ class RouterConfig:
     namespace: str = "pdserve"
     refresh_interval_s: float = 0.1
     quarantine_s: float = 5.0
+    max_migrations: int = 3  # per request, after its first token (router.migration)
     prediction_ttl_s: float = 10.0
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -190,6 +209,10 @@ class RouterConfig:
         _require(
             self.tls_client_ca_file is None or self.tls_cert_file is not None,
             "tls_client_ca_file needs tls_cert_file and tls_key_file",
+        )
+        _require(
+            isinstance(self.max_migrations, int) and self.max_migrations >= 0,
+            f"max_migrations must be an integer >= 0, got {self.max_migrations!r}",
         )
         for name in ("refresh_interval_s", "quarantine_s", "prediction_ttl_s"):
             _require(getattr(self, name) > 0, f"{name} must be > 0")

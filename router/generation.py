@@ -211,11 +211,16 @@ class Generator:
                 avoid=avoid,
                 refused=refused,
                 quarantined=self._tracker.quarantined(),
+                conditional=rt.config.conditional,
             )
             elapsed = time.perf_counter() - started
-            caching = decision.prefill or (decision.decode if snapshot.colocated else None)
-            if caching is not None:
-                rt.index.predict(caching.worker_id, hashes)
+            # Both sides will cache the prompt: the prefill worker computes it, the decode
+            # worker lands (or computes) it into its own prefix cache.
+            for caching in (decision.prefill, decision.decode):
+                if caching is not None:
+                    rt.index.predict(caching.worker_id, hashes)
+            if decision.prefill_choice is not None:
+                self._log_prefill_choice(prepared.request_id, name, decision)
             m = self._pool_metrics(name)
             m.decision.observe(elapsed)
             m.prompt_tokens.inc(query.num_tokens)
@@ -239,3 +244,21 @@ class Generator:
             return decision
 
         return plan
+
+    def _log_prefill_choice(self, request_id: str, pool: str, decision: Decision) -> None:
+        choice, x = decision.prefill_choice, decision.prefill_inputs
+        assert choice is not None and x is not None
+        self._metrics.prefill_decisions.labels(pool, choice.mode, choice.reason).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: prefill_mode=%s reason=%s tokens=%d uncached local=%d remote=%d "
+                "prefill_queue_tokens=%d decode_running=%d",
+                request_id,
+                choice.mode,
+                choice.reason,
+                x.num_tokens,
+                x.local_uncached,
+                x.remote_uncached,
+                x.prefill_queue_tokens,
+                x.decode_running,
+            )

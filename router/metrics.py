@@ -8,6 +8,12 @@
   and the counters behind it (``prompt_tokens_total``, ``predicted_cached_tokens_total``,
   ``cached_tokens_total`` as the workers reported them), so a dashboard can take ratios
   of rates
+- ``prefill_decisions_total{pool, mode, reason}``: conditional disaggregation's choice per
+  attempt (mode ``remote`` | ``local``; reasons in ``router.disagg_policy``), only in pools
+  with ``conditional`` thresholds
+- ``migrations_total{pool, cause}``: streams resumed on another decode worker after their
+  first token (cause ``worker_died`` | ``drained`` | ``stream_broken``, router.migration),
+  and ``migration_seconds{pool}``: from the break to the resumed stream's next token
 - ``retries_total{pool, reason}``, ``in_flight``, ``semantic_seconds``
 """
 
@@ -67,6 +73,19 @@ class RouterMetrics:
             "router_cached_tokens", "Prompt tokens the workers reported cached", ["pool"]
         )
         self.retries = m.counter("router_retries", "Attempts after the first", ["pool", "reason"])
+        self.migrations = m.counter(
+            "router_migrations", "Streams resumed on another decode worker", ["pool", "cause"]
+        )
+        self.migration_seconds = m.histogram(
+            "router_migration_seconds",
+            "From a stream's break to its next token on another decode worker",
+            ["pool"],
+        )
+        self.prefill_decisions = m.counter(
+            "router_prefill_decisions",
+            "Conditional disaggregation: prefill remotely or on the decode worker",
+            ["pool", "mode", "reason"],
+        )
         self.in_flight = m.gauge("router_in_flight", "Requests being served")
         self.semantic = m.histogram(
             "router_semantic_seconds", "Semantic classification time", buckets=_DECISION_BUCKETS_S

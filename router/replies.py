@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from common.generation import FinishReason, Usage
 from router.api import Chunk, RouteInfo
 from router.detokenizer import IncrementalDetokenizer
+from router.disagg_policy import LOCAL, REMOTE
 from router.metrics import PoolMetrics
 from router.request import PreparedRequest
 from router.stop_strings import StopMatcher
@@ -83,4 +84,5 @@ def _route(delta: WorkerDelta, semantic_route: str) -> RouteInfo:
         policy=d.policy,
         predicted_cached_tokens=d.predicted_cached_tokens,
         attempts=delta.attempts,
+        prefill_mode=REMOTE if prefill else LOCAL,
     )

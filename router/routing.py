@@ -6,7 +6,9 @@ records the decision (prefix-index prediction, tracker ticket) and sends the req
 
 Pool shapes, from the live workers:
 
-- prefill and decode workers → disaggregated: a prefill worker and a decode worker;
+- prefill and decode workers → disaggregated: a prefill worker and a decode worker — or,
+  when the pool has ``conditional`` thresholds and :func:`router.disagg_policy.decide_prefill`
+  says so, the decode worker alone (it prefills locally);
 - colocated workers → one worker does both (ranked by the prefill question, so prefix
   reuse still counts);
 - decode workers only → a decode worker prefills locally (no prefill target).
@@ -21,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.errors import ErrorCode, RequestError
-from router.policies import Pick, RouteQuery, RoutingPolicy
-from router.snapshot import Pending, PoolSnapshot, WorkerView
+from router.disagg_policy import DisaggThresholds, PrefillChoice, PrefillInputs, decide_prefill
+from router.policies import Pick, RouteQuery, RoutingPolicy, batch_size, queued_prefill_tokens
+from router.snapshot import NO_PENDING, Pending, PoolSnapshot, WorkerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,9 @@ class Decision:
     predicted_cached_tokens: int
     prefill_scores: tuple[tuple[str, float], ...] = ()
     decode_scores: tuple[tuple[str, float], ...] = ()
+    # Disaggregated pools only: remote or local, and why (with the inputs, for the log).
+    prefill_choice: PrefillChoice | None = None
+    prefill_inputs: PrefillInputs | None = None
 
     @property
     def prefill_worker_id(self) -> str | None:
@@ -49,6 +55,7 @@ def decide(
     avoid: frozenset[str] = frozenset(),
     refused: frozenset[str] = frozenset(),
     quarantined: frozenset[str] = frozenset(),
+    conditional: DisaggThresholds | None = None,
 ) -> Decision:
     """The workers for one request attempt; RequestError if the pool cannot take it."""
     if snapshot.num_live == 0:
@@ -83,13 +90,41 @@ def decide(
             )
         prefill = policy.pick_prefill(preferred(snapshot.prefill), query, pending)
         decode = policy.pick_decode(takers(snapshot.decode), query, pending)
-        return _decision(snapshot, policy, prefill, decode, prefill.cached_tokens)
+        if conditional is None:
+            return _decision(snapshot, policy, prefill, decode, prefill.cached_tokens)
+        inputs = PrefillInputs(
+            num_tokens=query.num_tokens,
+            prefill_cached=prefill.cached_tokens,
+            decode_cached=query.cached_tokens(decode.worker.worker_id),
+            prefill_queue_tokens=queued_prefill_tokens(
+                prefill.worker, pending.get(prefill.worker.worker_id, NO_PENDING)
+            ),
+            decode_running=batch_size(
+                decode.worker, pending.get(decode.worker.worker_id, NO_PENDING)
+            ),
+        )
+        choice = decide_prefill(conditional, inputs)
+        if choice.remote:
+            cached = prefill.cached_tokens
+            return _decision(snapshot, policy, prefill, decode, cached, choice, inputs)
+        # The prefill pick stays in the log (prefill_scores): what local was chosen over.
+        return Decision(
+            pool=snapshot.pool,
+            policy=policy.name,
+            prefill=None,
+            decode=decode.worker,
+            predicted_cached_tokens=inputs.decode_cached,
+            prefill_scores=prefill.scores,
+            decode_scores=decode.scores,
+            prefill_choice=choice,
+            prefill_inputs=inputs,
+        )
     if snapshot.colocated:
         pick = policy.pick_prefill(takers(snapshot.colocated), query, pending)
         return _decision(snapshot, policy, None, pick, pick.cached_tokens)
     if snapshot.decode:
         pick = policy.pick_decode(takers(snapshot.decode), query, pending)
-        return _decision(snapshot, policy, None, pick, 0)
+        return _decision(snapshot, policy, None, pick, pick.cached_tokens)
     raise RequestError(ErrorCode.UNAVAILABLE, f"pool {snapshot.pool!r} has no live worker")
 
 
@@ -99,6 +134,8 @@ def _decision(
     prefill: Pick | None,
     decode: Pick,
     cached: int,
+    choice: PrefillChoice | None = None,
+    inputs: PrefillInputs | None = None,
 ) -> Decision:
     return Decision(
         pool=snapshot.pool,
@@ -108,4 +145,6 @@ def _decision(
         predicted_cached_tokens=cached,
         prefill_scores=prefill.scores if prefill is not None else (),
         decode_scores=decode.scores,
+        prefill_choice=choice,
+        prefill_inputs=inputs,
     )

@@ -108,7 +108,15 @@ class RouterServer:
             await asyncio.to_thread(self.semantic.prepare)
         await self.view.start()
         await self.follower.start()
-        self._streamer = DecodeStreamer(self.channels, self.tracker, on_retry=self._count_retry)
+        self._streamer = DecodeStreamer(
+            self.channels,
+            self.tracker,
+            on_retry=self._count_retry,
+            max_migrations=cfg.max_migrations,
+            on_migration=self._count_migration,
+            on_migrated=self._time_migration,
+            draining=self._draining,
+        )
         self.generator = Generator(
             cfg, pools, self.view, self.tracker, self._streamer, self.metrics, self.semantic
         )
@@ -183,3 +191,16 @@ class RouterServer:
 
     def _count_retry(self, pool: str, reason: str) -> None:
         self.metrics.retries.labels(pool, reason).inc()
+
+    def _count_migration(self, pool: str, cause: str) -> None:
+        self.metrics.migrations.labels(pool, cause).inc()
+
+    def _time_migration(self, pool: str, seconds: float) -> None:
+        self.metrics.migration_seconds.labels(pool).observe(seconds)
+
+    def _draining(self, pool: str, worker_id: str) -> bool:
+        """Whether ``worker_id`` drains or has deregistered (a killed worker stays
+        registered until its registration expires)."""
+        snapshot = self.view.snapshot(pool)
+        live = {w.worker_id for w in (*snapshot.decode, *snapshot.colocated)}
+        return worker_id in snapshot.draining or worker_id not in live

@@ -5,7 +5,7 @@ Lifecycle of a request here (one or more *attempts*)::
     plan(avoid, refused) → Decision          routing (the caller's closure)
       → tracker ticket opened                the router's in-flight bookkeeping
       → DecodeWorker.Decode(stream)          deadline = the client's remaining time
-      → first token: committed               from here on, no retry
+      → first token: committed               from here on, no retry (migration instead)
       → last message (finish_reason) → done  ticket closed, however it ends
 
 Failure policy, before the first token:
@@ -16,11 +16,16 @@ Failure policy, before the first token:
 - anything else (worker died, prefill failed, internal error) → retried *once* on other
   workers where there are any; the second failure → UNAVAILABLE.
 
-After the first token a failure ends the stream with UNAVAILABLE naming the worker and the
-number of tokens already sent. The client's deadline passing is DEADLINE_EXCEEDED; the
-client cancelling cancels the worker call (which frees its blocks) and the ticket. After a
-failure the workers involved are probed in the background; one that is not SERVING is
-quarantined so the next requests avoid it until its registration expires.
+After the first token the request is *committed*: a stream that breaks because its decode
+worker died or was cut off at the end of its drain (UNAVAILABLE, CANCELLED by the server, or
+no finish reason) is *migrated* — resumed on another decode worker from the prompt plus the
+tokens already sent (:mod:`router.migration`), up to ``max_migrations`` times per request.
+Past the limit, when no other decode worker is live, or on any other failure after the first
+token, the stream ends with UNAVAILABLE naming the worker and the number of tokens already
+sent. The client's deadline passing is DEADLINE_EXCEEDED; the client cancelling cancels the
+worker call (which frees its blocks) and the ticket. After a failure the workers involved
+are probed in the background; one that is not SERVING is quarantined so the next requests
+avoid it until its registration expires.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from messages.decode import DecodeJob, PrefillTarget
 from messages.decode_proto import delta_from_proto, job_to_proto
 from proto import worker_pb2
 from router.channels import ChannelPool
+from router.migration import Progress, migration_cause, resume_request
 from router.request import PreparedRequest
 from router.routing import Decision
 from router.tracker import WorkerTracker
@@ -76,11 +82,21 @@ class DecodeStreamer:
         tracker: WorkerTracker,
         max_retries: int = 1,
         on_retry: Callable[[str, str], None] | None = None,
+        max_migrations: int = 0,
+        on_migration: Callable[[str, str], None] | None = None,
+        on_migrated: Callable[[str, float], None] | None = None,
+        draining: Callable[[str, str], bool] | None = None,
     ) -> None:
         self._channels = channels
         self._tracker = tracker
         self._max_retries = max_retries
         self._on_retry = on_retry or (lambda pool, reason: None)  # (pool, reason)
+        self._max_migrations = max_migrations
+        self._on_migration = on_migration or (lambda pool, cause: None)  # (pool, cause)
+        # (pool, seconds from the break to the resumed attempt's first token)
+        self._on_migrated = on_migrated or (lambda pool, seconds: None)
+        # (pool, worker id) → whether the registry shows it draining or gone (a drain cut)
+        self._draining = draining or (lambda pool, worker_id: False)
         self._probes: set[asyncio.Task[None]] = set()
 
     async def stream(
@@ -90,26 +106,32 @@ class DecodeStreamer:
         avoid: set[str] = set()
         refused: set[str] = set()
         failures = attempts = 0
+        progress = Progress(len(request.token_ids))
+        current = request  # what this attempt sends: the request, or its resumption
         while True:
-            decision = plan(frozenset(avoid), frozenset(refused))
+            decision = self._decide(plan, avoid, refused, progress)
             attempts += 1
             decode_id = decision.decode.worker_id
             ticket = self._tracker.open(
-                decision.prefill_worker_id, decode_id, len(request.token_ids)
+                decision.prefill_worker_id, decode_id, len(current.token_ids)
             )
             call: grpc.aio.UnaryStreamCall | None = None
             tokens = 0
             try:
                 call = self._channels.decode_stub(decision.decode.info.grpc_address).Decode(
-                    _decode_request(request, decision),
+                    _decode_request(current, decision),
                     timeout=_remaining(deadline),
                     metadata=self._channels.metadata,
                 )
                 async for response in call:
-                    delta = _delta(response, decision, attempts)
+                    delta = _delta(response, decision, attempts, progress)
                     if tokens == 0 and delta.token_ids:
                         self._tracker.first_token(ticket)
+                        if progress.failed_at is not None:
+                            self._on_migrated(decision.pool, time.monotonic() - progress.failed_at)
+                            progress.failed_at = None
                     tokens += len(delta.token_ids)
+                    progress.sent.extend(delta.token_ids)
                     yield delta
                     if delta.finish_reason is not None:
                         return
@@ -118,13 +140,31 @@ class DecodeStreamer:
                 code, details = _describe(exc)
                 if deadline is not None and time.monotonic() >= deadline:
                     raise RequestError(ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-                if tokens > 0:
+                if progress.sent:
                     self._probe(decision)
-                    raise RequestError(
-                        ErrorCode.UNAVAILABLE,
-                        f"decode worker {decode_id} failed after {tokens} tokens were sent "
-                        f"({code}: {details}); the reply is incomplete",
-                    ) from None
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED.name and tokens == 0:
+                        refused.add(decode_id)  # a resumed attempt refused: try another
+                        continue
+                    error = self._migrate(request, progress, decision, code, details)
+                    if error is not None:
+                        raise error from None
+                    avoid.add(decode_id)
+                    if tokens == 0 and decision.prefill_worker_id:
+                        avoid.add(decision.prefill_worker_id)  # either may have failed
+                    if len(progress.sent) < request.sampling.max_tokens:
+                        current = resume_request(request, progress.sent)
+                        continue
+                    # Every token was sent, only the finish reason was lost: finish here.
+                    cached = progress.cached_tokens or 0
+                    yield WorkerDelta(
+                        (),
+                        FinishReason.LENGTH,
+                        Usage(progress.prompt_tokens, len(progress.sent), cached),
+                        decision,
+                        attempts,
+                        "",
+                    )
+                    return
                 if code == grpc.StatusCode.INVALID_ARGUMENT.name:
                     raise RequestError(ErrorCode.INVALID_ARGUMENT, details) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED.name:
@@ -155,6 +195,62 @@ class DecodeStreamer:
                 if call is not None:
                     call.cancel()  # no-op once finished; frees the worker's blocks otherwise
                 self._tracker.close(ticket)
+
+    def _decide(
+        self, plan: Plan, avoid: set[str], refused: set[str], progress: Progress
+    ) -> Decision:
+        """The next attempt's workers. A resumed stream never goes back to a decode worker
+        that broke it, and a routing error there is UNAVAILABLE: the client has tokens."""
+        if not progress.sent:
+            return plan(frozenset(avoid), frozenset(refused))
+        try:
+            decision = plan(frozenset(avoid), frozenset(refused))
+        except RequestError as exc:
+            raise _unmigratable(progress, exc.message) from None
+        if decision.decode.worker_id in progress.failed_workers:
+            raise _unmigratable(progress, "no other live decode worker to resume it on")
+        return decision
+
+    def _migrate(
+        self,
+        request: PreparedRequest,
+        progress: Progress,
+        decision: Decision,
+        code: str,
+        details: str,
+    ) -> RequestError | None:
+        """Record a migration of ``request`` off ``decision``'s decode worker; or, when it
+        cannot move, the UNAVAILABLE that ends the stream."""
+        decode_id = decision.decode.worker_id
+        broke = (
+            f"decode worker {decode_id} failed after {len(progress.sent)} tokens were sent "
+            f"({code}: {details}); the reply is incomplete"
+        )
+        cause = migration_cause(code, self._draining(decision.pool, decode_id))
+        if cause is None:
+            return RequestError(ErrorCode.UNAVAILABLE, broke)
+        if progress.migrations >= self._max_migrations:
+            if self._max_migrations:
+                broke += (
+                    f"; migration limit reached: it already moved {progress.migrations} "
+                    f"time(s) (max_migrations {self._max_migrations})"
+                )
+            return RequestError(ErrorCode.UNAVAILABLE, broke)
+        progress.resume(decode_id, time.monotonic())
+        self._on_migration(decision.pool, cause)
+        log.warning(
+            "%s: decode worker %s broke the stream after %d tokens (%s, %s: %s); "
+            "migrating (%d of at most %d)",
+            request.request_id,
+            decode_id,
+            len(progress.sent),
+            cause,
+            code,
+            details,
+            progress.migrations,
+            self._max_migrations,
+        )
+        return None
 
     async def close(self) -> None:
         for task in list(self._probes):
@@ -195,15 +291,26 @@ def _decode_request(request: PreparedRequest, decision: Decision) -> worker_pb2.
     return job_to_proto(job)
 
 
-def _delta(response: worker_pb2.DecodeResponse, decision: Decision, attempts: int) -> WorkerDelta:
+def _delta(
+    response: worker_pb2.DecodeResponse, decision: Decision, attempts: int, progress: Progress
+) -> WorkerDelta:
     delta = delta_from_proto(response)
     return WorkerDelta(
         token_ids=delta.token_ids,
         finish_reason=delta.finish_reason,
-        usage=delta.usage,
+        usage=progress.usage(delta.usage),
         decision=decision,
         attempts=attempts,
         prefilled_by=delta.prefilled_by,
+    )
+
+
+def _unmigratable(progress: Progress, reason: str) -> RequestError:
+    failed = ", ".join(sorted(progress.failed_workers))
+    return RequestError(
+        ErrorCode.UNAVAILABLE,
+        f"decode worker {failed} failed after {len(progress.sent)} tokens were sent and the "
+        f"stream could not be migrated: {reason}; the reply is incomplete",
     )
 
 

@@ -92,6 +92,10 @@ class WorkerTracker:
     def quarantine(self, worker_id: str) -> None:
         self._quarantine[worker_id] = self._clock() + self._quarantine_s
 
+    def release(self, worker_id: str) -> None:
+        """End ``worker_id``'s quarantine now (it is known to serve again)."""
+        self._quarantine.pop(worker_id, None)
+
     def quarantined(self) -> frozenset[str]:
         """Workers quarantined now (empty, and cheap, in the normal case)."""
         if not self._quarantine:

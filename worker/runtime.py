@@ -185,9 +185,10 @@ class WorkerRuntime:
 
     async def _tick(self, app: WorkerApp, registry: Registry | None) -> None:
         """Every heartbeat interval: refresh gauges, publish the prefix cache's events."""
-        # Decode workers' caches hold KV that prefill workers computed: routers place
-        # prompts on prefill workers, so only prefill (and colocated) caches are announced.
-        publish = registry is not None and app.role is not WorkerRole.DECODE
+        # Every role announces its prefix cache: a decode worker's holds the prompts it
+        # prefilled itself and the blocks it landed from prefill workers, which the router
+        # weighs when it decides to prefill there instead (conditional disaggregation).
+        publish = registry is not None
         failing = False
         while True:
             try:

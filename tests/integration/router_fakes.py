@@ -44,6 +44,7 @@ class Script:
     delay_s: float = 0.0  # before each message
     fail_before: grpc.StatusCode | None = None  # fail with this before any token
     fail_after: int | None = None  # fail with UNAVAILABLE once this many tokens were sent
+    lose_finish: bool = False  # send every token, then fail UNAVAILABLE instead of finishing
     finish: int = worker_pb2.FINISH_REASON_LENGTH
     cached_tokens: int = 0
 
@@ -85,6 +86,9 @@ class FakeDecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     token_ids=tokens[i : i + script.per_message],
                     prefilled_by=prefilled_by if i == 0 else "",
                 )
+                if i + script.per_message >= len(tokens) and script.lose_finish:
+                    yield response
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} broke")
                 if i + script.per_message >= len(tokens):
                     response.finish_reason = finish or worker_pb2.FINISH_REASON_LENGTH
                     response.usage.CopyFrom(

@@ -202,7 +202,31 @@ def test_second_failure_before_the_first_token_is_unavailable(
     run(redis_url, namespace, scenario)
 
 
-def test_failure_after_the_first_token_ends_the_stream(redis_url: str, namespace: str) -> None:
+class Continuing:
+    """A fake model: its ``reply`` to the first prompt it sees, continued from wherever a
+    resumed prompt (that prompt + the reply's first k tokens) leaves off."""
+
+    def __init__(self, reply: list[int]) -> None:
+        self.reply = reply
+        self.prompt_len: int | None = None
+
+    def script(
+        self, fail_after: int | None = None, cached: int = 0
+    ) -> Callable[[worker_pb2.DecodeRequest], Script]:
+        def script(request: worker_pb2.DecodeRequest) -> Script:
+            prompt = list(request.token_ids)
+            if self.prompt_len is None:
+                self.prompt_len = len(prompt)
+            done = len(prompt) - self.prompt_len
+            assert prompt[self.prompt_len :] == self.reply[:done]  # resumed from what was sent
+            return Script(self.reply[done:], fail_after=fail_after, cached_tokens=cached)
+
+        return script
+
+
+def test_failure_after_the_first_token_ends_the_stream_without_migration(
+    redis_url: str, namespace: str
+) -> None:
     def breaks(request: worker_pb2.DecodeRequest) -> Script:
         return Script(tokens=list(range(100, 120)), fail_after=3)
 
@@ -218,6 +242,97 @@ def test_failure_after_the_first_token_ends_the_stream(redis_url: str, namespace
         assert "decode worker d0 failed after 3 tokens" in (err.value.details() or "")
         assert tokens_of(received) == [100, 101, 102]
         assert not cluster.workers["d1"].calls.requests  # never retried mid-stream
+
+    run(redis_url, namespace, scenario, max_migrations=0)
+
+
+def test_a_broken_stream_migrates_to_another_decode_worker(
+    redis_url: str, namespace: str, tok: ModelTokenizer
+) -> None:
+    reply = list(range(100, 120))
+    model = Continuing(reply)
+
+    async def scenario(cluster: FakeCluster, router: RouterServer, ch: grpc.aio.Channel) -> None:
+        await cluster.add("d0", WorkerRole.DECODE, script=model.script(fail_after=3))
+        await cluster.add("d1", WorkerRole.DECODE, script=model.script(cached=9))
+        await wait_workers(router, "default", 2)  # d0 first by id: tried first
+        request = build_request("hi", max_tokens=20, ignore_eos=True)
+        request.sampling.stop_token_ids.append(7)
+        responses = [r async for r in stub(ch).Generate(request, timeout=10)]
+        ok_response(responses)
+        assert tokens_of(responses) == reply  # nothing missing, nothing twice
+        assert text_of(responses) == tok.decode(reply)
+        assert responses[0].route.decode_worker == "d0"  # the route stays the first attempt's
+        prompt = len(cluster.workers["d0"].calls.requests[0].token_ids)
+        (resumed,) = cluster.workers["d1"].calls.requests
+        assert list(resumed.token_ids)[prompt:] == reply[:3]
+        assert resumed.sampling.max_tokens == 17
+        assert list(resumed.sampling.stop_token_ids) == [7] and resumed.sampling.ignore_eos
+        usage = responses[-1].usage
+        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, 20)
+        assert usage.cached_tokens == 0  # the first attempt's; not the resumed prefill's 9
+        metrics = router.metrics.metrics.render().decode()
+        assert 'migrations_total{cause="worker_died",pool="default"} 1.0' in metrics
+        assert 'migration_seconds_count{pool="default"} 1.0' in metrics
+
+    run(redis_url, namespace, scenario)
+
+
+def test_migration_stops_at_the_limit_or_when_no_worker_is_left(
+    redis_url: str, namespace: str
+) -> None:
+    reply = list(range(100, 120))
+    every = Continuing(reply).script(fail_after=3)  # every worker breaks after 3 more tokens
+
+    async def scenario(cluster: FakeCluster, router: RouterServer, ch: grpc.aio.Channel) -> None:
+        for name in ("d0", "d1", "d2"):
+            await cluster.add(name, WorkerRole.DECODE, script=every)
+        await wait_workers(router, "default", 3)
+        received: list[serving_pb2.GenerateResponse] = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for r in stub(ch).Generate(build_request("hi", max_tokens=20), timeout=10):
+                received.append(r)
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert tokens_of(received) == reply[:6]  # one migration, then the limit
+        assert "failed after 6 tokens were sent" in details
+        assert "migration limit reached" in details and "max_migrations 1" in details
+        assert sum(len(w.calls.requests) for w in cluster.workers.values()) == 2
+
+    run(redis_url, namespace, scenario, max_migrations=1)
+
+
+def test_a_stream_that_lost_only_its_finish_reason_is_finished_by_the_router(
+    redis_url: str, namespace: str
+) -> None:
+    def all_but_the_finish(request: worker_pb2.DecodeRequest) -> Script:
+        return Script(tokens=list(range(100, 108)), lose_finish=True, cached_tokens=2)
+
+    async def scenario(cluster: FakeCluster, router: RouterServer, ch: grpc.aio.Channel) -> None:
+        await cluster.add("d0", WorkerRole.DECODE, script=all_but_the_finish)
+        await cluster.add("d1", WorkerRole.DECODE)
+        await wait_workers(router, "default", 2)
+        responses = await generate(stub(ch), "hi", max_tokens=8)
+        ok_response(responses)
+        assert tokens_of(responses) == list(range(100, 108))
+        assert responses[-1].finish_reason == serving_pb2.FINISH_REASON_LENGTH
+        assert responses[-1].usage.completion_tokens == 8
+        assert not cluster.workers["d1"].calls.requests  # nothing was left to generate
+
+    run(redis_url, namespace, scenario)
+
+
+def test_a_stream_with_no_other_decode_worker_cannot_migrate(
+    redis_url: str, namespace: str
+) -> None:
+    async def scenario(cluster: FakeCluster, router: RouterServer, ch: grpc.aio.Channel) -> None:
+        breaks = Continuing(list(range(100, 120))).script(fail_after=3)
+        await cluster.add("d0", WorkerRole.DECODE, script=breaks)
+        await wait_workers(router, "default", 1)
+        code, details = await status_of(stub(ch), "hi", max_tokens=20)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "decode worker d0 failed after 3 tokens were sent" in details
+        assert "could not be migrated: no other live decode worker" in details
 
     run(redis_url, namespace, scenario)
 

@@ -415,3 +415,6 @@ def test_disagg_configurations_differ_in_one_setting() -> None:
     assert all("--max-num-batched-tokens 256" in f for f in flags["colocated-256"])
     assert all("--kv-cache-order page_first" in f for f in flags["disaggregated-page-first"])
     assert "--on-prefill-failure fail" in flags["disaggregated"][1]
+    assert specs["disaggregated"].conditional is None
+    assert specs["disaggregated-conditional"].conditional == {}  # the router's defaults
+    assert flags["disaggregated-conditional"] == flags["disaggregated"]

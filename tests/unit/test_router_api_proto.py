@@ -55,7 +55,7 @@ def test_seed_zero_is_a_seed_and_absent_is_none() -> None:
             "r1",
             "Bon",
             (10, 11),
-            route=RouteInfo("default", "p0", "d0", "code", "prefix_aware", 128, 2),
+            route=RouteInfo("default", "p0", "d0", "code", "prefix_aware", 128, 2, "remote"),
         ),
         Chunk("r1", "jour 🎉", (12,)),
         *(

@@ -477,3 +477,30 @@ for machine in (RandomWorkload, RandomWorkloadLongPrefills):
     machine.TestCase.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
 test_random_workload = RandomWorkload.TestCase
 test_random_workload_long_prefills = RandomWorkloadLongPrefills.TestCase
+
+
+def test_blocks_landed_by_a_transfer_join_the_prefix_cache() -> None:
+    # The decode side of disaggregation: a prompt's KV lands in reserved blocks, then
+    # add_prefilled. Its full blocks are cached with their hashes and announced, so a later
+    # prompt with that prefix, prefilled on this engine, reuses them.
+    from common.hashing import block_hashes
+    from common.kv_events import BlockStored
+
+    h = Harness(block_size=16, max_num_batched_tokens=256)
+    prompt = list(range(1000, 1040))  # 40 tokens: 2 full blocks + 8
+    blocks = h.bm.allocate_blocks(3)
+    params = SamplingParams(max_tokens=2)
+    landed = Sequence("landed", prompt, params, 0, output_token_ids=[150], block_table=[*blocks])
+    for pos, token in enumerate(prompt):  # what the transfer wrote
+        h.kv[h.slot(landed, pos)] = token
+    assert h.sched.add_prefilled(landed) is False
+    stored = [e for e in h.bm.take_events() if isinstance(e, BlockStored)]
+    assert [e.block_hash for e in stored] == block_hashes(prompt, 16)[:2]
+    assert [e.block_id for e in stored] == blocks[:2]
+    h.run_to_completion()
+
+    again = h.add("again", [*prompt[:32], 7, 8, 9])
+    out, _ = h.run_step()
+    (chunk,) = out.scheduled
+    assert again.num_cached_tokens == 32 and again.block_table[:2] == blocks[:2]
+    assert (chunk.start, chunk.num_tokens) == (32, 3)
