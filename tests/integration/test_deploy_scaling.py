@@ -91,7 +91,7 @@ def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         },
     )
     path = write_config(data, tmp_path_factory.mktemp("deploy") / "serve.yaml")
-    up = Up(UpOptions(config=path, redis_url=redis_url, port=0, num_cpus=2))
+    up = Up(UpOptions(config=path, redis_url=redis_url, port=0, http_port=0, num_cpus=2))
     try:
         endpoint = up.start()
         yield Cluster(up, data, endpoint, redis_url, namespace)
