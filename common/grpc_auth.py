@@ -21,6 +21,7 @@ from common.cluster_secret import TOKEN_METADATA_KEY, ClusterSecret
 log = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+_REFUSED = "missing or wrong cluster token"
 
 
 class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -46,23 +47,29 @@ class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
         self._refused += 1
         if self._refused == 1 or self._refused % 1000 == 0:  # a scanner must not flood logs
             log.warning("refused %s: no valid cluster token (%d so far)", method, self._refused)
-        return _denying(handler)
+        return refusing(handler, _REFUSED)
 
 
-async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+def refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind (and codecs) as ``handler`` that aborts the call with
+    UNAUTHENTICATED and ``message`` before any servicer code runs; used by every auth
+    interceptor (this one and the router's API keys)."""
 
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts UNAUTHENTICATED."""
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - abort raises
+
     codecs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_deny, **codecs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_deny, **codecs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_deny, **codecs)
-    return grpc.stream_stream_rpc_method_handler(_deny, **codecs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **codecs)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, **codecs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **codecs)
+    return grpc.stream_unary_rpc_method_handler(refuse, **codecs)

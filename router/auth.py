@@ -14,9 +14,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import grpc
+
+from common.grpc_auth import refusing
 
 BEARER = "bearer "
 
@@ -88,25 +89,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
         if self._keys.check_authorization(metadata.get("authorization")):
             return handler
-        return _denying(handler)
-
-
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
-
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
-        yield  # pragma: no cover - abort raises
-
-    codecs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **codecs)
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(deny, **codecs)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **codecs)
-    return grpc.stream_unary_rpc_method_handler(deny, **codecs)
+        return refusing(handler, _DENIED)
