@@ -28,7 +28,7 @@ def _root_packages() -> list[str]:
 
 def _lint(root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache", "--config", str(root / "pyproject.toml")],
+        [str(LINT_IMPORTS), "--no-cache", str(root / "pyproject.toml")],
         cwd=root,
         capture_output=True,
         text=True,
