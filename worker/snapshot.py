@@ -23,3 +23,7 @@ class WorkerSnapshot:
     queued_prefill_tokens: int = 0
     ttft_ms_recent: float | None = None
     itl_ms_recent: float | None = None
+    # Admission queue (overload control): time a request waited from acceptance until its
+    # work started (p90 over the recent window; None = no samples), and the queue's bound.
+    queue_time_ms_recent: float | None = None
+    admission_limit: int = 0  # 0 = unbounded
