@@ -25,13 +25,21 @@ class ErrorCode(StrEnum):
     INTERNAL = "INTERNAL"
 
 
-class RequestError(Exception):
-    """A request failed with ``code``; ``message`` is meant for its sender."""
+RETRY_AFTER_METADATA = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED refusal
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+
+class RequestError(Exception):
+    """A request failed with ``code``; ``message`` is meant for its sender.
+
+    ``retry_after_ms``: on a refusal for lack of capacity (RESOURCE_EXHAUSTED), when to try
+    again — an estimate of the queue's drain time; servicers send it as the trailing
+    metadata ``retry-after-ms`` (gRPC) or the ``Retry-After`` header (HTTP)."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
     def __repr__(self) -> str:
         return f"RequestError({self.code.value}, {self.message!r})"

@@ -92,6 +92,9 @@ class Registry:
             socket_connect_timeout=2.0,
         )
         self._signing = RegistrySigning(secret)
+        # raw registration → its decoded, verified WorkerInfo, for the last list_workers():
+        # registrations never change while they live, so a refresh parses only new ones.
+        self._decoded: dict[str, WorkerInfo] = {}
         self._pools: dict[str, str] = {}  # worker id → pool, for workers registered here
 
     async def aclose(self) -> None:
@@ -180,7 +183,7 @@ class Registry:
         """Live workers, sorted by id, optionally of one pool and/or role."""
         ids = sorted(await self._redis.smembers(self._keys.index))
         raws = await self._redis.mget([self._keys.worker(i) for i in ids]) if ids else []
-        infos, dead = _parse_infos(ids, raws, self._signing)
+        infos, dead = _parse_infos(ids, raws, self._signing, self._decoded)
         if dead:
             await self._redis.srem(self._keys.index, *dead)
         return _filter(infos, pool, role)
@@ -291,18 +294,28 @@ class _Keys:
 
 
 def _parse_infos(
-    ids: list[str], raws: list[str | None], signing: RegistrySigning
+    ids: list[str],
+    raws: list[str | None],
+    signing: RegistrySigning,
+    decoded: dict[str, WorkerInfo] | None = None,
 ) -> tuple[list[WorkerInfo], list[str]]:
     """(live infos, ids whose key has expired). Malformed or unsigned entries are logged
-    and skipped."""
+    and skipped. ``decoded`` (raw → info of the previous call) is reused and replaced by
+    this call's, so it never outgrows the live registrations."""
     infos: list[WorkerInfo] = []
     dead: list[str] = []
+    previous = dict(decoded) if decoded is not None else {}
+    if decoded is not None:
+        decoded.clear()
     for worker_id, raw in zip(ids, raws, strict=True):
         if raw is None:
             dead.append(worker_id)
             continue
         try:
-            infos.append(signing.decode(raw))
+            info = previous.get(raw) or signing.decode(raw)
+            infos.append(info)
+            if decoded is not None:
+                decoded[raw] = info
         except UnsignedRegistration as exc:
             if signing.first_refusal(worker_id):
                 log.warning("ignoring worker %s: %s (no cluster secret?)", worker_id, exc)

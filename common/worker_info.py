@@ -142,6 +142,9 @@ class WorkerLoad:
     queued_prefill_tokens: int = 0  # prompt tokens waiting to be prefilled
     draining: bool = False  # takes no new work; finishing what it has before exiting
     updated_at: float = field(default_factory=time.time)  # unix seconds, worker's clock
+    # KV receivers ("host:port", their WorkerInfo.kv_address) this worker holds a pair group
+    # with: the router prefers those pairs when scores are close (no group to build).
+    kv_peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -173,6 +176,7 @@ class WorkerLoad:
             queued_prefill_tokens=d.integer("queued_prefill_tokens"),
             draining=d.boolean("draining"),
             updated_at=d.number("updated_at"),
+            kv_peers=d.string_tuple("kv_peers"),  # absent from older workers: ()
         )
 
 
@@ -223,6 +227,13 @@ class _Fields:
 
     def boolean(self, key: str) -> bool:
         return self._typed(key, (bool,), "a boolean")
+
+    def string_tuple(self, key: str) -> tuple[str, ...]:
+        """A list of strings; an absent key is the empty tuple."""
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{self._what}: field {key!r} must be a list of strings")
+        return tuple(value)
 
     def optional_str(self, key: str) -> str | None:
         return None if self.raw(key) is None else self.string(key)

@@ -2,6 +2,9 @@
 
 Queues, per request::
 
+    admission waits for one of the worker's active slots (worker.admission): priority
+              first, callers round robin; a full queue refuses at once with
+              RESOURCE_EXHAUSTED and a retry-after hint. The slot is held until the end.
     prealloc  validated; waits (FIFO) until the prompt's KV blocks can be reserved.
               Admission control: a prompt the whole cache could never hold is refused
               with RESOURCE_EXHAUSTED instead of waiting forever.
@@ -42,6 +45,7 @@ from kv_transfer.transfer import Transfer
 from kv_transfer.types import RecvSpec, TransferState
 from messages.decode import DecodeJob, TokenDelta
 from messages.prefill import PrefillJob, PrefillResult
+from worker.admission import WorkerAdmission
 from worker.config import PrefillFailurePolicy
 
 LOCAL = "local"  # ``prefilled_by`` of a request prefilled on this worker
@@ -65,8 +69,10 @@ class Decoder:
         receiver: KVReceiver | None,
         prefill: PrefillClient,
         stats: DecodeStats,
+        queue: WorkerAdmission,
     ) -> None:
         self.policy = policy
+        self.queue = queue  # the admission queue, before prealloc
         self.draining = False
         self._engine = engine
         self._receiver = receiver
@@ -95,29 +101,39 @@ class Decoder:
         self.active += 1
         started = time.monotonic()
         try:
-            outcome: PrefillResult | None = None
-            reservation: Reservation | None = None
-            if job.prefill is not None and self._receiver is not None:
-                reservation = await self._preallocate(job)
-                try:
-                    outcome = await self._transfer(job, rid, reservation)
-                finally:
-                    if outcome is None:
-                        self._admission.give_back(reservation)
-            if outcome is None:
-                stream = self._engine.generate(rid, list(job.prompt), job.params)
-                deltas = self._stream(stream, started, LOCAL)
-            else:
-                assert reservation is not None and job.prefill is not None
-                deltas = self._run_prefilled(job, rid, reservation, outcome, started)
-            async with contextlib.aclosing(deltas):
-                async for delta in deltas:
-                    yield delta
+            async with self.queue.admitted(job.priority, job.client_id, job.deadline):
+                deltas = self._admitted(job, rid, started)
+                async with contextlib.aclosing(deltas):
+                    async for delta in deltas:
+                        yield delta
         except RequestError as exc:
             self._stats.rejected(exc.code)
             raise
         finally:
             self.active -= 1
+
+    async def _admitted(
+        self, job: DecodeJob, rid: str, started: float
+    ) -> AsyncIterator[TokenDelta]:
+        """The request's stages once it holds an admission slot (TTFT from ``started``)."""
+        outcome: PrefillResult | None = None
+        reservation: Reservation | None = None
+        if job.prefill is not None and self._receiver is not None:
+            reservation = await self._preallocate(job)
+            try:
+                outcome = await self._transfer(job, rid, reservation)
+            finally:
+                if outcome is None:
+                    self._admission.give_back(reservation)
+        if outcome is None:
+            stream = self._engine.generate(rid, list(job.prompt), job.params)
+            deltas = self._stream(stream, started, LOCAL)
+        else:
+            assert reservation is not None and job.prefill is not None
+            deltas = self._run_prefilled(job, rid, reservation, outcome, started)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                yield delta
 
     # ---- checks -----------------------------------------------------------------------
 
@@ -182,6 +198,8 @@ class Decoder:
             num_blocks=reservation.num_blocks,
             layer_wise=self.policy.layer_wise,
             deadline=time.monotonic() + budget,
+            priority=job.priority,
+            client_id=job.client_id,
         )
         self.in_transfer += 1
         try:

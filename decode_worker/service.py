@@ -17,7 +17,7 @@ from common.errors import RequestError
 from decode_worker.decode import Decoder
 from engine.async_engine import EngineStopped
 from messages.decode_proto import delta_to_proto, job_from_proto
-from messages.grpc_status import status_code
+from messages.grpc_status import abort
 from proto import worker_pb2, worker_pb2_grpc
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
@@ -38,6 +38,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             async for delta in self._decoder.run(job):
                 yield delta_to_proto(delta)
         except RequestError as exc:
-            await context.abort(status_code(exc.code), exc.message)
+            await abort(context, exc)  # with a refusal's retry-after-ms
         except EngineStopped as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {exc}")

@@ -9,6 +9,7 @@ the same function with an engine they already loaded, the fake transport's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from common.cluster_secret import load_secret
@@ -19,6 +20,7 @@ from engine.async_engine import AsyncEngine
 from engine.kv_cache import KVCache
 from engine.llm_engine import LLMEngine
 from kv_transfer.interfaces import KVReceiver
+from kv_transfer.prometheus import prometheus_budget
 from kv_transfer.receiver import TorchDistReceiver
 from kv_transfer.types import TransferConfig
 from worker.config import WorkerConfig
@@ -45,7 +47,10 @@ def build_decode_app(
     llm = engine if engine is not None else LLMEngine(config.engine)
     receiver = None
     if config.takes_transfers:
-        make_receiver = make_receiver or TorchDistReceiver
+        make_receiver = make_receiver or functools.partial(
+            TorchDistReceiver,
+            budget=prometheus_budget(metrics, "receiver", config.kv_transfer.max_pair_groups),
+        )
         receiver = make_receiver(llm.kv_cache, llm.model_config.name, config.kv_transfer)
     if prefill is None:
         prefill = GrpcPrefillClient(load_secret(config.cluster_secret_file))

@@ -24,6 +24,7 @@ from decode_worker.stats import DecodeStats
 from engine.async_engine import AsyncEngine, EngineStats
 from kv_transfer.interfaces import KVReceiver
 from proto import worker_pb2_grpc
+from worker.admission import WorkerAdmission
 from worker.config import WorkerConfig
 from worker.snapshot import WorkerSnapshot
 
@@ -56,7 +57,13 @@ class DecodeApp:
             on_prefill_failure=config.on_prefill_failure,
             layer_wise=config.layer_wise,
         )
-        self.decoder = Decoder(policy, engine, receiver, prefill, self._stats)
+        self.queue = WorkerAdmission(
+            f"decode worker {worker_id}",
+            config.active_limit,
+            config.admission_queue_size,
+            metrics,
+        )
+        self.decoder = Decoder(policy, engine, receiver, prefill, self._stats, self.queue)
         self.services: Sequence[tuple[AddServicerFn, Any]] = [
             (worker_pb2_grpc.add_DecodeWorkerServicer_to_server, DecodeServicer(self.decoder))
         ]
@@ -71,8 +78,9 @@ class DecodeApp:
 
     def _snapshot(self, s: EngineStats) -> WorkerSnapshot:
         prealloc, transfer = self.decoder.prealloc_depth, self.decoder.in_transfer
+        admission = self.queue.queued
         return WorkerSnapshot(
-            waiting=prealloc + transfer + s.waiting,
+            waiting=admission + prealloc + transfer + s.waiting,
             running=s.running,
             free_blocks=s.free_blocks,
             used_blocks=s.used_blocks,
@@ -80,6 +88,7 @@ class DecodeApp:
             total_blocks=s.total_blocks,
             in_flight_transfers=transfer,
             queues={
+                "admission": admission,
                 "prealloc": prealloc,
                 "transfer": transfer,
                 "engine_waiting": s.waiting,
@@ -87,6 +96,8 @@ class DecodeApp:
             },
             ttft_ms_recent=self._stats.ttft_window.mean_ms(),
             itl_ms_recent=self._stats.itl_window.mean_ms(),
+            queue_time_ms_recent=self.queue.queue_time_ms(),
+            admission_limit=self.queue.limit,
         )
 
     async def take_kv_events(self) -> list[KVEvent]:

@@ -9,7 +9,8 @@ Plugged in from ``deploy/serve.yaml``::
       downscale_delay_s: 60
       policy:
         policy_function: deploy.autoscaling:prefill_policy
-        policy_kwargs: {ttft_p90_ms: 2000, queued_tokens_per_replica: 8192}
+        policy_kwargs: {ttft_p90_ms: 2000, queued_tokens_per_replica: 8192,
+                        queue_time_p90_ms: 1000}
 
 Serve calls a policy on its controller every control-loop tick with an
 ``AutoscalingContext``; it returns ``(replicas, policy_state)``. Serve then applies the
@@ -31,6 +32,7 @@ from typing import Any
 from deploy.scaling import (
     ITL_P90_MS,
     KV_BLOCK_USE,
+    QUEUE_TIME_P90_MS,
     QUEUED_PREFILL_TOKENS,
     TTFT_P90_MS,
     DecodeTargets,
@@ -43,7 +45,7 @@ from deploy.scaling import (
 
 
 def prefill_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
-    """Scale the prefill pool on TTFT p90 and on prompt tokens queued for prefill."""
+    """Scale the prefill pool on TTFT p90, prompt tokens queued for prefill and queue time."""
     targets = parse_targets(PrefillTargets, _policy_kwargs(ctx))
     per_replica = _per_replica(ctx)
     signals = [
@@ -53,19 +55,31 @@ def prefill_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
             mean(per_replica.get(QUEUED_PREFILL_TOKENS, [])),
             targets.queued_tokens_per_replica,
         ),
+        _queue_time(per_replica, targets.queue_time_p90_ms),
     ]
     return _result(ctx, signals)
 
 
 def decode_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
-    """Scale the decode pool on ITL p90 and on the fraction of KV blocks in use."""
+    """Scale the decode pool on ITL p90, the fraction of KV blocks in use and queue time."""
     targets = parse_targets(DecodeTargets, _policy_kwargs(ctx))
     per_replica = _per_replica(ctx)
     signals = [
         Signal(ITL_P90_MS, mean(per_replica.get(ITL_P90_MS, [])), targets.itl_p90_ms),
         Signal(KV_BLOCK_USE, mean(per_replica.get(KV_BLOCK_USE, [])), targets.kv_block_use),
+        _queue_time(per_replica, targets.queue_time_p90_ms),
     ]
     return _result(ctx, signals)
+
+
+def _queue_time(per_replica: dict[str, list[float]], target_ms: float) -> Signal:
+    """Admission-queue wait p90, averaged over the replicas that have samples.
+
+    It votes even when TTFT / ITL of completed requests look fine: those are measured
+    when work finishes, so requests stuck in a queue do not show in them yet (or ever,
+    if they time out there). A replica with no queued request in the window reports
+    nothing and does not pull the mean down to 0."""
+    return Signal(QUEUE_TIME_P90_MS, mean(per_replica.get(QUEUE_TIME_P90_MS, [])), target_ms)
 
 
 def _result(ctx: Any, signals: list[Signal]) -> tuple[int, dict[str, Any]]:

@@ -1,9 +1,9 @@
 """What each worker replica tells `pdserve status` beyond the registry's load reports.
 
 The registry (:mod:`common.registry`) carries what routers need: addresses and load.
-Operators also want the replica behind each worker, its recent TTFT / ITL p90 and its
-prefix hit rate; each worker replica publishes a :class:`ReplicaStats` under its own key
-every ``interval_s``, with a TTL, so a stopped replica disappears by itself::
+Operators also want the replica behind each worker, its recent TTFT / ITL / queue-time
+p90 and its prefix hit rate; each worker replica publishes a :class:`ReplicaStats` under
+its own key every ``interval_s``, with a TTL, so a stopped replica disappears by itself::
 
     {ns}:deploy:replica:{worker_id}   STRING  ReplicaStats JSON, PX = ttl
 
@@ -42,6 +42,7 @@ class ReplicaStats:
     ttft_p90_ms: float | None  # recent window; None = no samples
     itl_p90_ms: float | None
     updated_at: float = field(default_factory=time.time)
+    queue_time_p90_ms: float | None = None  # admission-queue wait; None = no samples
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)

@@ -35,6 +35,10 @@ TTFT_P90_MS = "ttft_p90_ms"  # prefill: p90 of RPC arrival → first token, rece
 QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"  # prefill: prompt tokens not yet computed
 ITL_P90_MS = "itl_p90_ms"  # decode: p90 of inter-token latency, recent window
 KV_BLOCK_USE = "kv_block_use"  # decode: fraction of KV blocks referenced (0..1)
+# both roles: p90 of a request's wait in the worker's admission queue (accepted → work
+# started), recent window. TTFT / ITL are measured on *finished* work, so a pool whose
+# requests sit in a queue looks healthy until they come out; queue time sees them waiting.
+QUEUE_TIME_P90_MS = "queue_time_p90_ms"
 
 _T = TypeVar("_T", bound=BaseModel)
 
@@ -48,6 +52,9 @@ class PrefillTargets(BaseModel):
     queued_tokens_per_replica: float = Field(
         8192.0, gt=0, description="prompt tokens waiting for prefill, per replica"
     )
+    queue_time_p90_ms: float = Field(
+        1000.0, gt=0, description="admission-queue wait p90 each replica should meet"
+    )
 
 
 class DecodeTargets(BaseModel):
@@ -58,6 +65,9 @@ class DecodeTargets(BaseModel):
     itl_p90_ms: float = Field(200.0, gt=0, description="inter-token latency p90 per replica")
     kv_block_use: float = Field(
         0.8, gt=0, le=1, description="fraction of each replica's KV blocks in use"
+    )
+    queue_time_p90_ms: float = Field(
+        1000.0, gt=0, description="admission-queue wait p90 each replica should meet"
     )
 
 

@@ -5,8 +5,8 @@ Two sources, joined by worker id (``<role>-<Serve replica id>``):
 - Serve (through Ray): deployments, their status, target and running replica counts,
   and the replicas themselves — what the autoscaler has decided and done;
 - Redis: the registry's load report of each worker (queue, batch, KV blocks, draining)
-  and the replica stats the worker replicas publish (TTFT / ITL p90 of the recent window,
-  prefix hit rate) — what the workers are doing.
+  and the replica stats the worker replicas publish (TTFT / ITL / admission-queue
+  p90 of the recent window, prefix hit rate) — what the workers are doing.
 
 :func:`collect` does the I/O, :func:`render` is pure (tested on hand-built reports).
 """
@@ -134,7 +134,7 @@ def render(report: StatusReport) -> str:
     else:
         lines += _table(
             ["POOL", "ROLE", "WORKER", "REPLICA", "QUEUED", "RUNNING", "KV USE",
-             "PREFIX HIT", "TTFT p90", "ITL p90", "STATE"],
+             "PREFIX HIT", "TTFT p90", "ITL p90", "QUEUE p90", "STATE"],
             [_worker_cells(w) for w in report.workers],
         )  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -240,6 +240,7 @@ def _worker_cells(w: WorkerRow) -> list[str]:
         _pct(stats.prefix_hit_rate if stats else None),
         _ms(ttft),
         _ms(itl),
+        _ms(stats.queue_time_p90_ms if stats is not None else None),
         ("draining" if load.draining else "serving") if load else "?",
     ]
 

@@ -30,7 +30,13 @@ from common.worker_info import WorkerInfo, WorkerRole
 from deploy.hosting import LoopThread, grpc_health
 from deploy.latency import RecentQuantile
 from deploy.replica_stats import ReplicaStats
-from deploy.scaling import ITL_P90_MS, KV_BLOCK_USE, QUEUED_PREFILL_TOKENS, TTFT_P90_MS
+from deploy.scaling import (
+    ITL_P90_MS,
+    KV_BLOCK_USE,
+    QUEUE_TIME_P90_MS,
+    QUEUED_PREFILL_TOKENS,
+    TTFT_P90_MS,
+)
 from worker.app import WorkerApp
 from worker.config import WorkerConfig
 from worker.runtime import WorkerRuntime
@@ -108,8 +114,8 @@ class WorkerHost:
     def autoscaling_stats(self) -> dict[str, float]:
         """What the pool's autoscaling policy reads (see :mod:`deploy.scaling`).
 
-        Latency p90s are left out while the window holds no sample: "no traffic" must not
-        read as "0 ms".
+        Latency p90s (queue time included) are left out while the window holds no sample:
+        "no traffic" must not read as "0 ms".
         """
         runtime = self._runtime
         if runtime is None or self._ttft is None or self.info is None:
@@ -125,6 +131,8 @@ class WorkerHost:
         itl = self._itl.quantile(0.9) if self._itl is not None else None
         if itl is not None:
             stats[ITL_P90_MS] = itl * 1000.0
+        if s.queue_time_ms_recent is not None:
+            stats[QUEUE_TIME_P90_MS] = float(s.queue_time_ms_recent)
         return stats
 
     def replica_stats(self, deployment: str, replica_id: str) -> ReplicaStats | None:
@@ -145,6 +153,7 @@ class WorkerHost:
             prefix_hit_rate=self._prefix_hit_rate(runtime),
             ttft_p90_ms=_ms(self._ttft.quantile(0.9) if self._ttft else None),
             itl_p90_ms=_ms(self._itl.quantile(0.9) if self._itl else None),
+            queue_time_p90_ms=s.queue_time_ms_recent,
         )
 
     # ---- internals -----------------------------------------------------------------------

@@ -24,17 +24,22 @@ class PrefillSpan:
     query_start: int  # first row of this chunk in the flattened batch
     query_len: int  # tokens computed in this chunk
     context_len: int  # tokens in the cache once this chunk is written (prefix + chunk)
-    slots: torch.Tensor | None  # (context_len,) cache slot per position; None if no prefix
+    # (blocks,) the sequence's blocks covering context_len; None if there is no prefix
+    # (the chunk's own K/V are then the whole context).
+    block_table: torch.Tensor | None
 
 
 @dataclass(slots=True)
 class DecodeBatch:
     row_start: int  # rows [row_start, row_start + num_rows) are single-token decodes
     num_rows: int
-    slots: torch.Tensor  # (rows, max_context) cache slot per position, 0-padded
-    mask: torch.Tensor  # (rows, 1, 1, max_context) True where the position is real
-    block_tables: torch.Tensor  # (rows, max_blocks) int32, for the Triton kernel
+    # (rows, width) block ids, 0-padded past each row's own blocks; width covers the
+    # group's longest context. CPU attention gathers whole blocks through it; the Triton
+    # kernel walks it. int32 on CUDA, int64 elsewhere.
+    block_tables: torch.Tensor
     context_lens: torch.Tensor  # (rows,) int32
+    # (rows, 1, 1, width * block_size) True where the position is real; None on CUDA
+    mask: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -98,17 +103,20 @@ def _prefill(
     scale: float,
 ) -> torch.Tensor:
     query = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
-    if span.slots is None:  # no cached prefix: the fresh K/V are the whole context
+    if span.block_table is None:  # no cached prefix: the fresh K/V are the whole context
         key, value = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=True
         )
         return out[0].transpose(0, 1)
-    key = _gather_slots(k_cache, span.slots).transpose(0, 1).unsqueeze(0)
-    value = _gather_slots(v_cache, span.slots).transpose(0, 1).unsqueeze(0)
+    table = span.block_table.unsqueeze(0)
+    key = _gather_blocks(k_cache, table)[0].transpose(0, 1).unsqueeze(0)  # (1, KVH, L, D)
+    value = _gather_blocks(v_cache, table)[0].transpose(0, 1).unsqueeze(0)
     offset = span.context_len - span.query_len
     query_pos = torch.arange(span.query_len, device=q.device) + offset
-    mask = torch.arange(span.context_len, device=q.device)[None, :] <= query_pos[:, None]
+    # Causal over the prefix + chunk; the tail of the last block (>= context_len) is
+    # past every query position, so the same comparison masks it out.
+    mask = torch.arange(key.shape[2], device=q.device)[None, :] <= query_pos[:, None]
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
     )
@@ -128,17 +136,23 @@ def _decode(
     kv_heads = k_cache.shape[2]
     # Group query heads under their KV head so each KV head is read once (no repeat_kv).
     query = q.view(rows, kv_heads, heads // kv_heads, dim)
-    key = _gather_slots(k_cache, batch.slots).permute(0, 2, 1, 3)
-    value = _gather_slots(v_cache, batch.slots).permute(0, 2, 1, 3)
+    key = _gather_blocks(k_cache, batch.block_tables).permute(0, 2, 1, 3)  # (rows, KVH, L, D)
+    value = _gather_blocks(v_cache, batch.block_tables).permute(0, 2, 1, 3)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.mask, scale=scale)
     return out.reshape(rows, heads, dim)
 
 
-def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Rows of a ``(num_blocks, block_size, heads, dim)`` cache at ``slots`` (any shape).
+def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """K or V of every position a ``(rows, width)`` block table covers, as
+    ``(rows, width * block_size, heads, dim)``, from a ``(num_blocks, block_size, heads, dim)``
+    cache of any block stride (page-first caches are strided over blocks).
 
-    ``index_select`` rather than ``cache[slots]``: advanced indexing is ~200x slower here.
+    Whole blocks (``block_size`` rows of ``heads * dim``) per index rather than single
+    slots: one ``index_select`` copy of 16x fewer, 16x longer runs, and no per-position
+    slot tensor to build each step. (``index_select`` rather than ``cache[ids]``: advanced
+    indexing is far slower here.)
     """
-    heads, dim = cache.shape[2], cache.shape[3]
-    rows = slot_rows(cache).index_select(0, slots.reshape(-1))
-    return rows.view(*slots.shape, heads, dim)
+    rows, width = block_tables.shape
+    _, block_size, heads, dim = cache.shape
+    blocks = cache.index_select(0, block_tables.reshape(-1))
+    return blocks.view(rows, width * block_size, heads, dim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: engine/dtype.py
 KV_CACHE_ORDERS = ("layer_first", "page_first")  # memory orders of engine.kv_cache
 
 
@@ -18,7 +18,10 @@ class EngineConfig:
     """
 
     model: str | None = None
-    dtype: str = "float32"
+    # "auto": bf16 where the device computes it natively (CUDA; CPUs with AVX512-BF16 or
+    # AMX), else fp32, resolved when the engine starts (engine/dtype.py). The KV cache
+    # takes the model's dtype.
+    dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -41,6 +44,9 @@ class EngineConfig:
     # the capped chunk. 0: off, strict FIFO chunking.
     long_prefill_token_threshold: int = 512
     enable_prefix_caching: bool = True
+    # CUDA only: replay pure-decode steps from captured graphs, one per batch-size bucket
+    # (engine/cuda_graphs.py). Ignored on CPU.
+    cuda_graphs: bool = True
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # for unseeded requests
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -23,6 +24,8 @@ from common.sampling import SamplingParams
 from common.worker_info import BlockGeometry
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.cuda_graphs import CudaGraphDecoder
+from engine.dtype import resolve_dtype
 from engine.kv_cache import KVCache, KVLayout, torch_dtype
 from engine.model import LayerHook, load_model
 from engine.model_config import ModelConfig, load_model_config
@@ -41,6 +44,9 @@ class LLMEngine:
         env.apply_offline_defaults()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        # Resolve "auto" once, here, so the model, the KV cache and the geometry that KV
+        # peers and the router see all name the same concrete dtype.
+        config = replace(config, dtype=resolve_dtype(config.dtype, config.device))
         self.config = config
         source = resolve_model(config.model)
         self.model_config: ModelConfig = load_model_config(source.path, source.name)
@@ -59,9 +65,15 @@ class LLMEngine:
             config, self.block_manager, self.model_config.eos_token_ids, self.max_model_len
         )
         self.sampler = Sampler(config.seed)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.sampler)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self._graphs())
         self._arrivals = itertools.count()
         self._live: dict[str, Sequence] = {}
+
+    def _graphs(self) -> CudaGraphDecoder | None:
+        if self.kv_cache.device.type != "cuda" or not self.config.cuda_graphs:
+            return None
+        max_blocks = -(-self.max_model_len // self.config.block_size)
+        return CudaGraphDecoder(self.model, self.kv_cache, self.config.max_num_seqs, max_blocks)
 
     # -- requests -------------------------------------------------------------------------
     def add_request(

@@ -2,9 +2,12 @@
 
 A step's chunks are laid out decode rows first (one token each), then prefill chunks, so
 attention can treat the decode rows as padded batches. Decode rows are sorted by context
-length and cut into groups whose padding stays bounded, so one long context does not make
-every row of the step pay for its length. Logits are computed only for the
-chunks that end on the last known token of their sequence (``samples``).
+length and cut into groups by engine/decode_groups.py (padded work against per-group
+overhead), so one long context does not make every row of the step pay for its length.
+Logits are computed only for the chunks that end on the last known token of their
+sequence (``samples``). Slots and block tables are built in plain Python from the block
+tables the scheduler already holds: a few hundred ints a step, cheaper than the dozens of
+tiny tensor ops it would take to compute them on the device.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+from engine.cuda_graphs import CudaGraphDecoder
+from engine.decode_groups import group_by_context
 from engine.kv_cache import KVCache
 from engine.model import DecoderModel, LayerHook
 from engine.sampler import Sampler
@@ -30,8 +35,15 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: KVCache, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        graphs: CudaGraphDecoder | None = None,
+    ) -> None:
         self.model = model
+        self.graphs = graphs  # captured decode steps (CUDA only), engine/cuda_graphs.py
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.block_size = kv_cache.layout.block_size
@@ -44,9 +56,16 @@ class ModelRunner:
     ) -> dict[str, int]:
         """Compute the chunks' KV into the cache; return the sampled token per request."""
         batch = self.prepare(chunks)
-        hidden = self.model(
-            batch.input_ids, batch.positions, self.kv_cache, batch.meta, after_layer
-        )
+        if (
+            self.graphs is not None
+            and after_layer is None
+            and self.graphs.fits(batch.input_ids, batch.meta)
+        ):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
+        else:
+            hidden = self.model(
+                batch.input_ids, batch.positions, self.kv_cache, batch.meta, after_layer
+            )
         if not batch.samplers:
             return {}
         logits = self.model.compute_logits(hidden[batch.sample_rows])
@@ -66,75 +85,66 @@ class ModelRunner:
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
-        position_tensor = self._tensor(positions)
         meta = AttentionMetadata(
-            slot_mapping=self._slot_mapping(ordered, position_tensor),
+            slot_mapping=self._slot_mapping(ordered),
             decode=self._decode_batches(decodes),
             prefills=self._prefill_spans(prefills, start_row=len(decodes)),
         )
         return StepBatch(
             input_ids=self._tensor(input_ids),
-            positions=position_tensor,
+            positions=self._tensor(positions),
             meta=meta,
             sample_rows=self._tensor(sample_rows),
             samplers=[chunk for chunk in ordered if chunk.samples],
         )
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _block_tables(self, chunks: list[ScheduledChunk], num_positions: int) -> torch.Tensor:
-        width = -(-num_positions // self.block_size)
-        rows = [
-            c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width]))
-            for c in chunks
-        ]
-        return self._tensor(rows).view(len(chunks), width)
-
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cache slots of ``positions`` (broadcast) through a ``(rows, width)`` block table."""
-        blocks = block_table.gather(
-            1, (positions // self.block_size).expand(block_table.shape[0], -1)
-        )
-        return blocks * self.row_stride + positions % self.block_size
-
-    def _slot_mapping(self, chunks: list[ScheduledChunk], positions: torch.Tensor) -> torch.Tensor:
-        per_chunk = []
-        offset = 0
+    def _slot_mapping(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        bs, stride = self.block_size, self.row_stride
+        slots = []
         for chunk in chunks:
-            pos = positions[offset : offset + chunk.num_tokens]
-            table = self._block_tables([chunk], chunk.start + chunk.num_tokens)
-            per_chunk.append(self._slots(table, pos.unsqueeze(0))[0])
-            offset += chunk.num_tokens
-        return torch.cat(per_chunk)
+            table = chunk.seq.block_table
+            slots.extend(
+                table[pos // bs] * stride + pos % bs
+                for pos in range(chunk.start, chunk.start + chunk.num_tokens)
+            )
+        return self._tensor(slots)
+
+    def _padded_tables(self, chunks: list[ScheduledChunk], width: int) -> list[list[int]]:
+        return [(table := c.seq.block_table[:width]) + [0] * (width - len(table)) for c in chunks]
 
     def _decode_batches(self, decodes: list[ScheduledChunk]) -> list[DecodeBatch]:
-        """Groups of rows (sorted by context) whose longest context is at most twice the
-        shortest (plus a block), so padding at most doubles a group's attention work."""
-        batches: list[DecodeBatch] = []
-        start = 0
-        for end in range(1, len(decodes) + 1):
-            if (
-                end == len(decodes)
-                or decodes[end].start > 2 * decodes[start].start + self.block_size
-            ):
-                batches.append(self._decode_batch(decodes[start:end], row_start=start))
-                start = end
-        return batches
+        """Decode rows (sorted by context) in the groups engine/decode_groups.py picks."""
+        if not decodes:
+            return []
+        if self.device.type == "cuda":  # the Triton kernel walks each row's own length
+            return [self._decode_batch(decodes, row_start=0)]
+        bs = self.block_size
+        padded = [-(-(c.start + 1) // bs) * bs for c in decodes]  # whole blocks are gathered
+        return [
+            self._decode_batch(decodes[start:end], row_start=start)
+            for start, end in group_by_context(padded)
+        ]
 
     def _decode_batch(self, decodes: list[ScheduledChunk], row_start: int) -> DecodeBatch:
         context_lens = [c.start + 1 for c in decodes]
-        longest = max(context_lens)
-        tables = self._block_tables(decodes, longest)
-        span = torch.arange(longest, device=self.device).unsqueeze(0)
+        width = -(-max(context_lens) // self.block_size)
+        tables = self._tensor(self._padded_tables(decodes, width))
         lens = self._tensor(context_lens)
+        mask = None
+        if self.device.type != "cuda":  # the Triton kernel masks by context_lens itself
+            span = torch.arange(width * self.block_size, device=self.device)
+            mask = (span < lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+        else:
+            tables = tables.to(torch.int32)
         return DecodeBatch(
             row_start=row_start,
             num_rows=len(decodes),
-            slots=self._slots(tables, span),
-            mask=(span < lens.unsqueeze(1)).view(len(decodes), 1, 1, longest),
-            block_tables=tables.to(torch.int32),
+            block_tables=tables,
             context_lens=lens.to(torch.int32),
+            mask=mask,
         )
 
     def _prefill_spans(self, prefills: list[ScheduledChunk], start_row: int) -> list[PrefillSpan]:
@@ -142,11 +152,10 @@ class ModelRunner:
         row = start_row
         for chunk in prefills:
             context = chunk.start + chunk.num_tokens
-            slots = None
+            table = None
             if chunk.start > 0:
-                table = self._block_tables([chunk], context)
-                span = torch.arange(context, device=self.device).unsqueeze(0)
-                slots = self._slots(table, span)[0]
-            spans.append(PrefillSpan(row, chunk.num_tokens, context, slots))
+                width = -(-context // self.block_size)
+                table = self._tensor(chunk.seq.block_table[:width])
+            spans.append(PrefillSpan(row, chunk.num_tokens, context, table))
             row += chunk.num_tokens
         return spans

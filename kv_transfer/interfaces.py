@@ -39,6 +39,11 @@ class KVSender(ABC):
     def close(self) -> None:
         """Fail every unfinished transfer (releasing its blocks) and drop all pairs."""
 
+    def peers(self) -> tuple[str, ...]:
+        """Receiver addresses (``host:port``) this sender holds a pair group with: the
+        worker reports them so the router can prefer pairs that need no new group."""
+        return ()
+
 
 class KVReceiver(ABC):
     """Decode side: lands blocks that senders ship into blocks it reserved."""

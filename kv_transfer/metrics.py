@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kv_transfer.types import Role, TransferState
 
@@ -105,4 +106,78 @@ class TransferStats:
                 duration_sum=dict(self._sum),
                 duration_count=dict(self._count),
                 recent=tuple(self._recent),
+            )
+
+
+# Seconds to build a pair group: ~1-3 ms for gloo on loopback, up to seconds for NCCL.
+SETUP_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    """Pair groups of one endpoint (or of a process sharing one budget)."""
+
+    open: int  # gauge: groups open now
+    setups: int  # groups built since start
+    setup_buckets: tuple[float, ...]
+    setup_counts: tuple[int, ...]  # cumulative count per bucket
+    setup_sum: float  # seconds
+    teardowns: dict[str, int]  # reason (evicted, idle, error, peer_closed, closed) -> count
+
+
+class GroupSink(Protocol):
+    """Where :class:`GroupStats` mirrors each event as it happens (e.g. Prometheus,
+    :func:`kv_transfer.prometheus.prometheus_groups`)."""
+
+    def opened(self, open_now: int) -> None: ...
+
+    def set_up(self, seconds: float) -> None: ...
+
+    def torn_down(self, reason: str, open_now: int) -> None: ...
+
+
+@dataclass
+class GroupStats:
+    """Thread-safe counters of pair groups: open, setups (with a time histogram), teardowns."""
+
+    sink: GroupSink | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _open: int = 0
+    _setups: int = 0
+    _buckets: list[int] = field(default_factory=lambda: [0] * len(SETUP_BUCKETS))
+    _setup_sum: float = 0.0
+    _teardowns: dict[str, int] = field(default_factory=dict)
+
+    def set_open(self, n: int) -> None:
+        with self._lock:
+            self._open = n
+        if self.sink is not None:
+            self.sink.opened(n)
+
+    def setup(self, seconds: float) -> None:
+        with self._lock:
+            self._setups += 1
+            self._setup_sum += seconds
+            for i, bound in enumerate(SETUP_BUCKETS):
+                if seconds <= bound:
+                    self._buckets[i] += 1
+        if self.sink is not None:
+            self.sink.set_up(seconds)
+
+    def teardown(self, reason: str, open_now: int) -> None:
+        with self._lock:
+            self._teardowns[reason] = self._teardowns.get(reason, 0) + 1
+            self._open = open_now
+        if self.sink is not None:
+            self.sink.torn_down(reason, open_now)
+
+    def snapshot(self) -> GroupSnapshot:
+        with self._lock:
+            return GroupSnapshot(
+                open=self._open,
+                setups=self._setups,
+                setup_buckets=SETUP_BUCKETS,
+                setup_counts=tuple(self._buckets),
+                setup_sum=self._setup_sum,
+                teardowns=dict(self._teardowns),
             )

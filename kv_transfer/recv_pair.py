@@ -22,24 +22,34 @@ Failure handling:
   after ``release`` and the pair stays usable.
 * The sender's abort arrives as ABORT frames; its death as a broken connection, which
   fails the transfer in flight and ends the pair (a restarted sender joins anew).
+
+Between transfers the pair keeps one receive posted for the next BEGIN, bounded like every
+wait (:class:`~kv_transfer.torch_dist.Link`): after ``idle_timeout_s`` — or, on a polled
+(NCCL) link, as soon as the budget evicts the pair — the pair ends, and ``close/{k}`` in
+the store tells the sender to drop its side too (on gloo the closed sockets tell it as
+well; an NCCL sender would otherwise hang on its next BEGIN until the deadline). The
+sender joins again on its next transfer.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch.distributed as dist
 
 from engine.kv_cache import KVCache
+from kv_transfer.budget import PairBudget
+from kv_transfer.completion import PairStream
 from kv_transfer.errors import ProtocolError, TransferError
 from kv_transfer.expected import ExpectedTransfers
 from kv_transfer.landing import Landing
 from kv_transfer.packing import Staging, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group
 from kv_transfer.segments import Segment, long_runs, plan_frames, run_min_blocks
-from kv_transfer.torch_dist import Link, PairContext, classify
+from kv_transfer.torch_dist import Link, PairContext, classify, link_options
 from kv_transfer.transfer import RecvTransfer
 from kv_transfer.types import PeerAddress, TransferConfig, TransferState
 from kv_transfer.wire import (
@@ -70,8 +80,14 @@ class ReceiverPair:
         address: PeerAddress,
         expected: ExpectedTransfers,
         on_exit: Callable[[int], None],
+        budget: PairBudget | None = None,
+        flags: dist.Store | None = None,
     ) -> None:
         self.index = index
+        self._budget = budget if budget is not None else PairBudget(config.max_pair_groups)
+        self._flags = flags  # the receiver's store: ``close/{k}`` tells the sender
+        self._evicted: str | None = None
+        self._cuda_stream = PairStream(cache.device) if cache.device.type == "cuda" else None
         self.peer = f"sender {peer_name}"
         self._cache = cache
         self._config = config
@@ -80,28 +96,55 @@ class ReceiverPair:
         self._on_exit = on_exit
         self._staging = Staging(cache.device, slots=config.pipeline_depth)
         self._thread = threading.Thread(
-            target=run_in_inference_mode, args=(self._run,), name=f"kv-recv-{index}", daemon=True
+            target=run_in_inference_mode,
+            args=(self._run_on_stream,),
+            name=f"kv-recv-{index}",
+            daemon=True,
         )
+
+    def start(self) -> None:
         self._thread.start()
 
+    def evict(self, reason: str = "evicted") -> None:
+        """The budget wants this (idle) pair gone: flag it for the pair thread and the
+        sender. Any thread; the pair thread closes the link."""
+        self._evicted = self._evicted or reason
+        self._flag_close()
+
+    def _run_on_stream(self) -> None:
+        """The pair thread: on CUDA every op and copy of the pair runs on its own stream."""
+        if self._cuda_stream is None:
+            self._run()
+            return
+        with self._cuda_stream.active():
+            self._run()
+
     def _run(self) -> None:
-        cfg = self._config
+        cfg, device = self._config, self._cache.device
+        started = time.monotonic()
         try:
             rendezvous = connect_store(self._address, cfg.connect_timeout_s)
             group = new_pair_group(
-                rendezvous, self.index, 0, self._cache.device, cfg.host, cfg.connect_timeout_s
-            )
+                rendezvous, self.index, 0, device, cfg.host, cfg.connect_timeout_s,
+                cfg.group_timeout_s,
+            )  # fmt: skip
         except (TransferError, RuntimeError) as exc:
             log.warning("pair %d with %s never formed: %s", self.index, self.peer, exc)
+            self._budget.release(self.index, "setup_failed")
             self._on_exit(self.index)
             return
-        link = Link(group, 0, self.index, self.peer)
-        pair = PairContext(link, self._cache, self._staging, cfg)
+        self._budget.stats.setup(time.monotonic() - started)
+        self._budget.idle(self.index)
+        link = Link(group, 0, self.index, self.peer, **link_options(device, cfg))
+        pair = PairContext(link, self._cache, self._staging, cfg, self._cuda_stream)
+        reason = "error"
         try:
             seq = 0
             while True:
                 rx = self._staging.rx_control
-                link.wait(link.irecv(rx, TAG_CTRL), cfg.idle_timeout_s, "waiting for BEGIN")
+                if not self._wait_begin(link, link.irecv(rx, TAG_CTRL)):
+                    reason = self._evicted or "idle"
+                    return
                 header = Header.read(rx)
                 if header.kind is Kind.CANCEL:
                     self._expected.cancel(header.key, header.code, self.peer)
@@ -109,13 +152,38 @@ class ReceiverPair:
                 if header.kind is not Kind.BEGIN or header.seq != seq + 1:
                     raise ProtocolError(f"expected BEGIN seq {seq + 1}, got {header}")
                 seq = header.seq
-                if not self._serve(pair, header):
-                    return
+                self._budget.busy(self.index)
+                try:
+                    if not self._serve(pair, header):
+                        reason = "closed"
+                        return
+                finally:
+                    self._budget.idle(self.index)
         except TransferError as exc:
+            reason = self._evicted or "error"  # a gloo sender dropping an evicted pair
             log.info("pair %d with %s closed: %s", self.index, self.peer, exc)
         finally:
             link.close()
+            self._flag_close()
+            self._budget.release(self.index, reason)
             self._on_exit(self.index)
+
+    def _wait_begin(self, link: Link, work: dist.Work) -> bool:
+        """The posted receive for the next BEGIN; False when the pair should end first:
+        idle for ``idle_timeout_s`` or (polled links) evicted. The op is then expired."""
+        stop = lambda: self._evicted is not None  # noqa: E731
+        if link.poll(work, self._config.idle_timeout_s, "waiting for BEGIN", idle=True, stop=stop):
+            return True
+        link.expire()
+        return False
+
+    def _flag_close(self) -> None:
+        if self._flags is None:
+            return
+        try:
+            self._flags.set(f"close/{self.index}", self._evicted or "closed")
+        except RuntimeError:
+            log.debug("cannot flag pair %d closed", self.index, exc_info=True)
 
     def _serve(self, pair: PairContext, begin: Header) -> bool:
         """One transfer; False when the pair should close (receiver shutting down)."""
@@ -171,6 +239,8 @@ class ReceiverPair:
             landing.abandon()  # its pieces hold leases on the blocks
             raise
         landing.run()
+        if landing.sender_code is None:
+            pair.sync(transfer, "landing")  # CUDA: the scatters on the pair's stream ran
         if landing.sender_code is not None:
             transfer.control.fail(
                 reason_error(landing.sender_code, transfer.transfer_id, self.peer)

@@ -102,12 +102,16 @@ def new_pair_group(
     device: torch.device,
     host: str,
     timeout_s: float,
+    group_timeout_s: float | None = None,
 ) -> dist.ProcessGroup:
-    """The 2-rank group of pair ``pair``; blocks until the peer constructs its side."""
+    """The 2-rank group of pair ``pair``; blocks until the peer constructs its side
+    (``timeout_s``: the rendezvous). ``group_timeout_s`` is NCCL's watchdog timeout, which
+    every wait of the transport stays below; gloo ops time out only inside a wait, so
+    gloo's group timeout bounds just its rendezvous."""
     prefixed = dist.PrefixStore(f"pair/{pair}/", store)
     if backend_for(device) == "nccl":
         nccl_opts = dist.ProcessGroupNCCL.Options()
-        nccl_opts._timeout = _td(timeout_s)
+        nccl_opts._timeout = _td(group_timeout_s or timeout_s)
         return dist.ProcessGroupNCCL(prefixed, rank, 2, nccl_opts)
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = _td(timeout_s)
@@ -122,10 +126,21 @@ def destroy_group(group: dist.ProcessGroup | None) -> None:
     if group is None:
         return
     if isinstance(group, getattr(dist, "ProcessGroupNCCL", ())):
+        abort_nccl(group)
+
+
+def abort_nccl(group: object) -> None:
+    """Abort an NCCL communicator: its pending kernels end, its destructor cannot hang, and
+    it frees its GPU memory. ``abort()`` where the build has it, else ``_shutdown()``."""
+    for name in ("abort", "_shutdown", "shutdown"):
+        method = getattr(group, name, None)
+        if method is None:
+            continue
         try:
-            group.abort()  # NCCL communicators must be aborted or their destructor may hang
+            method()
+            return
         except RuntimeError:
-            log.debug("nccl abort failed", exc_info=True)
+            log.debug("nccl %s failed", name, exc_info=True)
 
 
 def request_join(

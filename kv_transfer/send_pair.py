@@ -21,6 +21,11 @@ Failure handling:
   next transfer joins again (a restarted receiver is just a new join). A pair that fails
   before ACCEPT on a reused link is retried once on a fresh one: the receiver may have
   dropped an idle pair, and nothing of this transfer was accepted yet.
+
+The group itself is budgeted (:mod:`kv_transfer.budget`): built only once the budget
+admits it, torn down by this thread when the budget evicts it (LRU idle), when it has
+been idle for ``idle_timeout_s``, or when the receiver flagged ``close/{k}`` in its store
+(it dropped its side — which an NCCL peer would otherwise only notice at a deadline).
 """
 
 from __future__ import annotations
@@ -34,12 +39,20 @@ import torch.distributed as dist
 
 from common.cluster_secret import load_secret
 from engine.kv_cache import KVCache
-from kv_transfer.errors import PeerLost, ProtocolError, TransferAborted, TransferError
+from kv_transfer.budget import PairBudget
+from kv_transfer.completion import Completion, PairStream
+from kv_transfer.errors import (
+    PeerLost,
+    ProtocolError,
+    TransferAborted,
+    TransferError,
+    TransferTimeout,
+)
 from kv_transfer.packing import Staging, run_in_inference_mode
 from kv_transfer.rendezvous import connect_store, new_pair_group, request_join
 from kv_transfer.segments import Frame, long_runs, plan_frames, run_min_blocks
 from kv_transfer.streaming import Streaming
-from kv_transfer.torch_dist import Link, PairContext, classify
+from kv_transfer.torch_dist import Link, PairContext, classify, link_options
 from kv_transfer.transfer import SendTransfer
 from kv_transfer.types import Handshake, PeerAddress, TransferConfig
 from kv_transfer.wire import (
@@ -58,6 +71,8 @@ from kv_transfer.wire import (
 
 log = logging.getLogger(__name__)
 
+CLOSE_CHECK_S = 0.5  # how often an idle pair looks for the receiver's close flag
+
 
 class SenderPair:
     """The sender's half of one pair: a FIFO of transfers and the thread that runs them."""
@@ -69,14 +84,21 @@ class SenderPair:
         handshake: Handshake,
         config: TransferConfig,
         name: str,
+        budget: PairBudget | None = None,
     ) -> None:
         self.address = address
+        self._budget = budget if budget is not None else PairBudget(config.max_pair_groups)
+        self._teardown_reason: str | None = None  # set by the budget / monitor; pair thread acts
+        self._index = 0  # the connected pair's index at the receiver (its close flag)
+        self._idle_since = time.monotonic()
+        self._flag_checked = 0.0
         self._cache = cache
         self._handshake = handshake
         self._config = config
         self._secret = load_secret(config.cluster_secret_file)  # proves us at each join
         self._name = name
         self._staging = Staging(cache.device, slots=config.pipeline_depth)
+        self._cuda_stream = PairStream(cache.device) if cache.device.type == "cuda" else None
         self._peer_depth = 2  # the receiver's, from its last ACCEPT
         self._cond = threading.Condition()
         self._queue: deque[SendTransfer] = deque()
@@ -89,7 +111,7 @@ class SenderPair:
         self._seq = 0
         self._thread = threading.Thread(
             target=run_in_inference_mode,
-            args=(self._run,),
+            args=(self._run_on_stream,),
             name=f"kv-send-{address}",
             daemon=True,
         )
@@ -109,6 +131,7 @@ class SenderPair:
             flags = self._flags
         for transfer in live:
             transfer.control.expire(now)
+        self._check_idle(now, flags)
         if polled is None or flags is None or polled.state.terminal:
             return
         flag = f"abort/{transfer_key(polled.transfer_id)}"
@@ -126,6 +149,32 @@ class SenderPair:
                 PeerLost(f"{polled.transfer_id}: receiver {self.address} gone: {exc}")
             )
 
+    def evict(self, reason: str = "evicted") -> None:
+        """Ask the pair thread to tear the group down once it is idle (budget, TTL)."""
+        with self._cond:
+            self._teardown_reason = self._teardown_reason or reason
+            self._cond.notify_all()
+
+    def _check_idle(self, now: float, flags: dist.TCPStore | None) -> None:
+        """Monitor: an idle group past ``idle_timeout_s``, or one the receiver dropped
+        (its ``close/{k}`` flag, checked every ``CLOSE_CHECK_S``), is torn down."""
+        with self._cond:
+            if self._pair is None or self._current is not None or self._queue:
+                return
+            idle_for, index = now - self._idle_since, self._index
+            check = flags is not None and now - self._flag_checked >= CLOSE_CHECK_S
+            if check:
+                self._flag_checked = now
+        if idle_for > self._config.idle_timeout_s:
+            self.evict("idle")
+        elif check and flags is not None:
+            try:
+                closed = flags.check([f"close/{index}"])
+            except RuntimeError:
+                closed = True  # the receiver's store is gone
+            if closed:
+                self.evict("peer_closed")
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
@@ -137,15 +186,31 @@ class SenderPair:
 
     # ---- pair thread ---------------------------------------------------------------------
 
+    def _run_on_stream(self) -> None:
+        """The pair thread: on CUDA every op and copy of the pair runs on its own stream."""
+        if self._cuda_stream is None:
+            self._run()
+            return
+        with self._cuda_stream.active():
+            self._run()
+
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._queue and not self._closing:
+                    while not self._queue and not self._closing and not self._teardown_reason:
                         self._cond.wait()
-                    if not self._queue:
-                        return
-                    transfer = self._current = self._queue.popleft()
+                    reason, self._teardown_reason = self._teardown_reason, None
+                    transfer = self._queue.popleft() if self._queue else None
+                    self._current = transfer
+                if reason is not None:
+                    self._teardown(reason)
+                if transfer is None:
+                    if reason is None:
+                        return  # closing
+                    continue
+                if self._pair is not None:
+                    self._budget.busy(self.address)
                 try:
                     if transfer.control.start():
                         self._transfer(transfer)
@@ -158,8 +223,10 @@ class SenderPair:
                 finally:
                     with self._cond:
                         self._current, self._accepted = None, False
+                        self._idle_since = time.monotonic()
+                    self._budget.idle(self.address)
         finally:
-            self._teardown()
+            self._teardown("closed")
 
     def _transfer(self, transfer: SendTransfer) -> None:
         for attempt in range(2):
@@ -191,26 +258,61 @@ class SenderPair:
 
     def _connect(self, transfer: SendTransfer) -> PairContext:
         if self._pair is not None:
-            return self._pair
+            if not self._receiver_dropped(self._pair):
+                return self._pair
+            self._teardown("peer_closed")
+        cfg = self._config
+        if not self._budget.acquire(self.address, self.evict, transfer.deadline):
+            raise TransferTimeout(
+                f"{transfer.transfer_id}: no pair group free for receiver {self.address} "
+                f"before the deadline (max_pair_groups={cfg.max_pair_groups}, all busy)"
+            )
+        started = time.monotonic()
+        try:
+            pair, rendezvous, flags, index = self._join(transfer)
+        except BaseException:
+            self._budget.release(self.address, "setup_failed")
+            raise
+        self._budget.stats.setup(time.monotonic() - started)
+        self._pair, self._rendezvous, self._seq = pair, rendezvous, 0
+        with self._cond:
+            self._flags, self._index = flags, index
+            self._flag_checked = self._idle_since = time.monotonic()
+        return pair
+
+    def _receiver_dropped(self, pair: PairContext) -> bool:
+        """NCCL only: did the receiver flag ``close/{k}``? A BEGIN into a communicator the
+        receiver aborted would only fail at the deadline; on gloo its closed sockets fail
+        the BEGIN at once (then one silent re-join), so gloo skips the store round trip."""
+        if pair.link.completion is not Completion.POLLED or self._flags is None:
+            return False
+        try:
+            return bool(self._flags.check([f"close/{self._index}"]))
+        except RuntimeError:
+            return True
+
+    def _join(
+        self, transfer: SendTransfer
+    ) -> tuple[PairContext, dist.TCPStore, dist.TCPStore, int]:
+        """Rendezvous, join handshake and group: the pair, its stores and its index."""
+        cfg = self._config
         remaining = max(transfer.deadline - time.monotonic(), 0.05)
-        timeout = min(self._config.connect_timeout_s, remaining)
+        timeout = min(cfg.connect_timeout_s, remaining)
         rendezvous = connect_store(self.address, timeout)
         index = request_join(
             rendezvous, self._name, self._handshake, self.address, timeout, self._secret
         )
+        device = self._cache.device
         try:
             group = new_pair_group(
-                rendezvous, index, 1, self._cache.device, self._config.host, timeout
+                rendezvous, index, 1, device, cfg.host, timeout, cfg.group_timeout_s
             )
         except RuntimeError as exc:
             raise classify(exc, f"group with receiver {self.address}") from exc
         flags = connect_store(self.address, timeout)
-        link = Link(group, 1, index, f"receiver {self.address}")
-        self._pair = PairContext(link, self._cache, self._staging, self._config)
-        self._rendezvous, self._seq = rendezvous, 0
-        with self._cond:
-            self._flags = flags
-        return self._pair
+        link = Link(group, 1, index, f"receiver {self.address}", **link_options(device, cfg))
+        pair = PairContext(link, self._cache, self._staging, cfg, self._cuda_stream)
+        return pair, rendezvous, flags, index
 
     def _begin(self, pair: PairContext, transfer: SendTransfer) -> tuple[Frame, ...] | None:
         """BEGIN → ACCEPT | REJECT, each listing its side's runs; the frame plan, or None
@@ -295,9 +397,10 @@ class SenderPair:
         except TransferError:
             self._teardown()
 
-    def _teardown(self) -> None:
+    def _teardown(self, reason: str = "error") -> None:
         pair, self._pair, self._rendezvous = self._pair, None, None
         with self._cond:
             self._flags = None
         if pair is not None:
             pair.link.close()
+            self._budget.release(self.address, reason)

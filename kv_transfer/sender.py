@@ -13,6 +13,8 @@ import threading
 import uuid
 
 from engine.kv_cache import KVCache
+from kv_transfer.budget import PairBudget
+from kv_transfer.completion import record_ready
 from kv_transfer.interfaces import KVSender
 from kv_transfer.metrics import TransferStats
 from kv_transfer.send_pair import SenderPair
@@ -32,9 +34,12 @@ class TorchDistSender(KVSender):
         *,
         name: str | None = None,
         stats: TransferStats | None = None,
+        budget: PairBudget | None = None,
     ) -> None:
         self.cache = cache
         self.config = config or TransferConfig()
+        # Pair groups of this sender (share one with a receiver for a per-process cap).
+        self.budget = budget if budget is not None else PairBudget(self.config.max_pair_groups)
         self.handshake = handshake_for(cache, model)
         # Unique per process incarnation: a restarted prefill worker is a new peer.
         self.name = name or f"sender-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -43,6 +48,8 @@ class TorchDistSender(KVSender):
         self._pairs: dict[PeerAddress, SenderPair] = {}
         self._closed = False
         self._monitor = Monitor(self.config.poll_interval_s, self._tick, "kv-send-monitor")
+        device = cache.device
+        self._record_ready = (lambda: record_ready(device)) if device.type == "cuda" else None
 
     def send(self, spec: SendSpec, release: ReleaseFn) -> SendTransfer:
         layout = self.cache.layout
@@ -59,13 +66,21 @@ class TorchDistSender(KVSender):
                 release,
                 mode=spec.mode,
                 stats=self.stats,
+                record_ready=self._record_ready,
             )
             pair = self._pairs.get(spec.peer)
             if pair is None:
-                pair = SenderPair(spec.peer, self.cache, self.handshake, self.config, self.name)
+                pair = SenderPair(
+                    spec.peer, self.cache, self.handshake, self.config, self.name, self.budget
+                )
                 self._pairs[spec.peer] = pair
             pair.submit(transfer)
         return transfer
+
+    def peers(self) -> tuple[str, ...]:
+        """Receiver addresses (``host:port``) this sender holds a pair group with, most
+        recently used last — what a worker reports so the router can prefer them."""
+        return tuple(str(key) for key in self.budget.holders())
 
     def close(self) -> None:
         with self._lock:

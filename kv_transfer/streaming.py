@@ -93,6 +93,7 @@ class Streaming:
                 control.expire(time.monotonic())
         if not control.lease():
             return None
+        self._pair.after_compute(transfer.ready_event(frame.chunk.layer_stop))
         ops = FrameOps(control)
         try:
             buf = self._staging.frame(slot, frame.staged_bytes(self._lbb))

@@ -12,8 +12,11 @@ sender, the receiver's abort flags), and on the receiver one acceptor (joins).
 Why failures tear the pair down: a gloo wait that times out poisons the whole context
 ("Application timeout caused pair closure"), and neither ``abort()`` nor ``shutdown()``
 wakes a local waiter. So every wait has a bound (the transfer's deadline plus
-``grace_s``; ``idle_timeout_s`` between transfers), and the first error or timeout drops
-the group. Dropping it closes its sockets, which fails the peer's pending ops at once; the
+``grace_s``; ``idle_timeout_s`` between transfers; never more than the group's timeout
+allows, :class:`~kv_transfer.completion.WaitBudget`), completion is observed on a host
+deadline on both backends (:mod:`kv_transfer.completion`: NCCL's ``wait`` does not block
+the host), and the first error or timeout drops the group (NCCL: aborts it). Dropping it
+closes its sockets, which fails the peer's pending ops at once; the
 sender joins again for its next transfer, the receiver simply forgets the pair.
 Aborts, on the other hand, travel as frames (see :mod:`kv_transfer.wire`) and keep the
 pair alive.
@@ -28,15 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from engine.kv_cache import KVCache
+from kv_transfer.completion import ABANDON_S, Completion, PairStream, WaitBudget, poll_work
 from kv_transfer.control import TransferControl
 from kv_transfer.errors import PeerLost, TransferError, TransferTimeout
 from kv_transfer.packing import Staging, layer_block_bytes
-from kv_transfer.rendezvous import backend_for, destroy_group
+from kv_transfer.rendezvous import abort_nccl, backend_for, destroy_group
 from kv_transfer.transfer import Transfer
 from kv_transfer.types import Handshake, TransferConfig
 
@@ -80,14 +85,32 @@ def wire_timeout(transfer: Transfer, grace_s: float) -> float:
 
 
 class Link:
-    """One side of a connected pair: the 2-rank group and framed, bounded send/recv."""
+    """One side of a connected pair: the 2-rank group and framed, bounded send/recv.
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, pair: int, peer: str) -> None:
+    Every wait keeps a host-side deadline, clamped to ``budget.max_wait_s`` (below the
+    group's timeout, so NCCL's watchdog never fires under a live wait), and observes
+    completion the way the backend allows (:mod:`kv_transfer.completion`). A wait that
+    reaches its deadline *expires* the operation — gloo: a 1 ms wait closes gloo's pair;
+    NCCL: the communicator is aborted — and raises :class:`TransferTimeout`; the caller
+    then drops the link, the same on both backends."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        pair: int,
+        peer: str,
+        *,
+        completion: Completion = Completion.BLOCKING,
+        budget: WaitBudget | None = None,
+    ) -> None:
         self.group: dist.ProcessGroup | None = group
         self.rank = rank
         self.peer_rank = 1 - rank
         self.pair = pair
         self.peer = peer  # for messages
+        self.completion = completion
+        self.budget = budget or WaitBudget.for_group(TransferConfig().group_timeout_s)
 
     def isend(self, frame: torch.Tensor, tag: int) -> dist.Work:
         try:  # posting fails too, once gloo has seen the connection drop
@@ -103,21 +126,76 @@ class Link:
 
     def wait(self, work: dist.Work, timeout_s: float, what: str) -> None:
         """Wait for one op; any failure means the link is unusable (the caller drops it)."""
+        if not self.poll(work, timeout_s, what):
+            self.expire()
+            raise TransferTimeout(f"{what} with {self.peer}: timed out after {timeout_s:.3g}s")
+
+    def poll(
+        self,
+        work: dist.Work,
+        timeout_s: float,
+        what: str,
+        *,
+        idle: bool = False,
+        stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """True once ``work`` is through, False when the (clamped) deadline passed or
+        ``stop()`` said so first (polled links only) — the op is then still pending, and
+        the caller must :meth:`expire` it (a timed-out gloo wait has closed gloo's pair
+        already). Raises the op's own error, classified."""
+        budget = self.budget
+        deadline = budget.deadline(timeout_s, time.monotonic())
         try:
-            completed = work.wait(timedelta(seconds=max(timeout_s, 0.001)))
+            if self.completion is Completion.BLOCKING:
+                try:
+                    completed = work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+                except RuntimeError as exc:
+                    if not _is_timeout(exc):
+                        raise
+                    return False  # gloo closed its pair: the buffer is touched no more
+            else:
+                sleep_cap = budget.idle_sleep_s if idle else budget.max_sleep_s
+                if not poll_work(work, deadline, sleep_cap, stop=stop):
+                    return False
+                completed = work.wait()  # the op's error; orders the current stream after it
         except RuntimeError as exc:
             raise classify(exc, f"{what} with {self.peer}") from exc
         if completed is False:
             raise PeerLost(f"{what} with {self.peer}: operation aborted")
+        return True
+
+    def expire(self) -> None:
+        """After :meth:`poll` gave up on an op: make sure its buffer is touched no more.
+        gloo closed its pair inside the timed-out wait already; an NCCL op can only be
+        ended by aborting the communicator, so the link closes."""
+        if self.completion is Completion.POLLED:
+            self.close()
 
     def close(self) -> None:
         group, self.group = self.group, None
+        if self.completion is Completion.POLLED and group is not None:
+            abort_nccl(group)  # also a fake NCCL group in the unit tests
+            return
         destroy_group(group)
 
     def _group(self) -> dist.ProcessGroup:
         if self.group is None:
             raise PeerLost(f"pair with {self.peer} is closed")
         return self.group
+
+
+def link_options(device: torch.device, config: TransferConfig) -> dict[str, Any]:
+    """A link's completion mode and wait budget for a cache on ``device``."""
+    polled = backend_for(device) == "nccl"
+    return {
+        "completion": Completion.POLLED if polled else Completion.BLOCKING,
+        "budget": WaitBudget.for_group(config.group_timeout_s),
+    }
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +209,7 @@ class PairContext:
     cache: KVCache
     staging: Staging
     config: TransferConfig
+    stream: PairStream | None = None  # the pair's CUDA stream (None on CPU)
     layer_block_bytes: int = field(init=False)  # one layer's K (or V) of one block
 
     def __post_init__(self) -> None:
@@ -145,6 +224,22 @@ class PairContext:
         """How long the wire may still block for ``transfer`` (:func:`wire_timeout`)."""
         return wire_timeout(transfer, self.config.grace_s)
 
+    def after_compute(self, event: object | None) -> None:
+        """CUDA: order the pair's stream after the compute that wrote what it reads next."""
+        if self.stream is not None:
+            self.stream.after(event)  # type: ignore[arg-type]
+
+    def sync(self, transfer: Transfer, what: str) -> None:
+        """CUDA: wait (polled, against the wire deadline) until everything queued on the
+        pair's stream ran — the landed KV is then visible to any stream. No-op on CPU."""
+        work = self.stream.landed() if self.stream is not None else None
+        if work is None:
+            return
+        deadline = time.monotonic() + min(self.wire_timeout(transfer), self.link.budget.max_wait_s)
+        if not poll_work(work, deadline, self.link.budget.max_sleep_s):
+            self.link.close()
+            raise TransferTimeout(f"{what} with {self.link.peer}: stream not done in time")
+
 
 class FrameOps:
     """The wire operations of one frame, and the lease on the transfer's blocks they hold
@@ -156,7 +251,7 @@ class FrameOps:
     buffers again; NCCL's communicator is aborted by ``Link.close``.
     """
 
-    ABANDON_WAIT_S = 0.001  # error path: a pending op ends here, closing the pair
+    ABANDON_WAIT_S = ABANDON_S  # error path: a pending op ends here, closing the pair
 
     def __init__(self, leased: TransferControl | None) -> None:
         self.leased = leased  # the transfer whose lease this holds (``lease()`` was True)
@@ -185,7 +280,8 @@ class FrameOps:
         pair, so the rest fail at once — close the link, then end the lease."""
         for work in self.works:
             with contextlib.suppress(TransferError):
-                link.wait(work, self.ABANDON_WAIT_S, "abandoning")
+                if link.group is not None:
+                    link.wait(work, self.ABANDON_WAIT_S, "abandoning")
         self.works.clear()
         link.close()
         self._end()

@@ -131,8 +131,16 @@ class SendTransfer(Transfer):
         mode: TransferMode,
         stats: TransferStats | None = None,
         on_failure: FailureHook | None = None,
+        record_ready: Callable[[], object | None] | None = None,
     ) -> None:
         self.mode = mode  # before the control is built: it starts from the mode's readiness
+        # On CUDA: an event on the compute stream per ready point (one at send() in whole
+        # mode, one per layer in layer-wise mode); the pair's stream waits on it before it
+        # reads the layer, so the transfer never serialises the compute stream.
+        self._record_ready = record_ready
+        self.ready_events: list[object | None] = []
+        if record_ready is not None and mode is TransferMode.WHOLE:
+            self.ready_events.append(record_ready())
         super().__init__(
             transfer_id,
             Role.SENDER,
@@ -159,7 +167,16 @@ class SendTransfer(Transfer):
         A no-op in whole mode (everything was ready at ``send``), so a prefill loop can
         call it unconditionally."""
         if self.mode is not TransferMode.WHOLE:
+            if self._record_ready is not None:
+                self.ready_events.append(self._record_ready())  # before the pair thread wakes
             self.control.mark_layer_ready(layer)
+
+    def ready_event(self, layers: int) -> object | None:
+        """The compute-stream event after which ``layers`` layers are final (None on CPU)."""
+        if not self.ready_events:
+            return None
+        index = 0 if self.mode is TransferMode.WHOLE else layers - 1
+        return self.ready_events[min(index, len(self.ready_events) - 1)]
 
 
 class RecvTransfer(Transfer):

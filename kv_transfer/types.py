@@ -157,7 +157,18 @@ class TransferConfig:
     connect_timeout_s: float = 10.0  # store connection + group rendezvous
     grace_s: float = 5.0  # after a transfer failed, how long its frames may still drain
     poll_interval_s: float = 0.02  # deadline checks and peer-abort polling
-    idle_timeout_s: float = 24 * 3600.0  # a receiver pair waiting for the next transfer
+    # A pair idle this long is torn down (and re-joined on next use). It bounds the one
+    # wait a receiver pair keeps posted between transfers, so it stays below the group's
+    # timeout (NCCL's watchdog would abort the communicator under it).
+    idle_timeout_s: float = 300.0
+    # The process group's timeout: NCCL's watchdog aborts an op that outlives it. Every
+    # wait of the transport stays below it (kv_transfer.completion.WaitBudget). gloo ops
+    # time out only inside a wait, which the same clamp bounds.
+    group_timeout_s: float = 600.0
+    # Pair groups one process may hold (an NCCL communicator costs ~100 MB of GPU memory).
+    # At the cap the least recently used idle group is torn down for a new one; a group
+    # with a transfer in flight never is. 0 = no cap.
+    max_pair_groups: int = 64
     # The cluster secret's file (common.cluster_secret): both sides of a join prove they
     # hold it (kv_transfer.rendezvous). None = peers are not authenticated.
     cluster_secret_file: str | None = None
@@ -174,5 +185,7 @@ class TransferConfig:
         for name in ("timeout_s", "connect_timeout_s", "grace_s", "poll_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.idle_timeout_s <= 0:
-            raise ValueError("idle_timeout_s must be > 0")
+        if not 0 < self.idle_timeout_s < self.group_timeout_s:
+            raise ValueError("need 0 < idle_timeout_s < group_timeout_s")
+        if self.max_pair_groups < 0:
+            raise ValueError("max_pair_groups must be >= 0 (0 = no cap)")

@@ -2,7 +2,7 @@
 
     pdserve bench run --target grpc://127.0.0.1:50051 --workload shared_prefix --rate 2
     pdserve bench run --target http://127.0.0.1:8000 --model NAME --concurrency 4
-    pdserve bench suite [--quick] [--only disagg,routing,peer] [--out DIR]
+    pdserve bench suite [--quick] [--only disagg,routing,peer,vllm,overload] [--out DIR]
                         [--configs disaggregated,colocated,colocated-256,...]
     pdserve bench report DIR/results.json [--out DIR]
 
@@ -188,6 +188,8 @@ def _finish(results: dict[str, Any], out: Path | None, default_name: str | None)
     for name, scenario in results.get("scenarios", {}).items():
         if name == "disagg":
             print("\n".join(["", *disagg_table(scenario), ""]))
+        if scenario.get("skipped"):
+            print(scenario["skipped"])
         if scenario.get("goals"):
             print(f"{name} goals: {json.dumps(scenario['goals'])}")
     print("wrote " + ", ".join(str(p) for p in paths))

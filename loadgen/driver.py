@@ -95,7 +95,7 @@ async def drive(target: Target, sessions: Sequence[Session], load: LoadSpec) -> 
                 record.error, record.end_s = "CANCELLED", clock()
                 progress.done(ok=False)
                 raise
-            progress.done(ok=record.ok)
+            progress.done(ok=record.ok, refused=record.refused)
             if not record.ok:
                 return  # the rest of a conversation needs this reply
             replies.append(record.reply)
@@ -153,21 +153,23 @@ def _closed_loop(
 
 
 class Progress:
-    """``[#####.....] 12/48 ok 11 failed 1  9.8s`` on one stderr line (a TTY redraws it;
+    """``[#####.....] 12/48 ok 10 failed 1 refused 1  9.8s`` on one stderr line (a TTY redraws it;
     otherwise a line every 10%)."""
 
     def __init__(self, total: int, enabled: bool = True, out: TextIO = sys.stderr) -> None:
         self.total = max(total, 1)
-        self.ok = self.failed = 0
+        self.ok = self.failed = self.refused = 0
         self.enabled = enabled
         self._out = out
         self._tty = out.isatty()
         self._start = time.monotonic()
         self._last_decile = -1
 
-    def done(self, ok: bool) -> None:
+    def done(self, ok: bool, refused: bool = False) -> None:
         if ok:
             self.ok += 1
+        elif refused:
+            self.refused += 1
         else:
             self.failed += 1
         self._draw()
@@ -175,7 +177,7 @@ class Progress:
     def _draw(self) -> None:
         if not self.enabled:
             return
-        finished = self.ok + self.failed
+        finished = self.ok + self.failed + self.refused
         decile = finished * 10 // self.total
         if not self._tty and decile == self._last_decile:
             return
@@ -183,7 +185,8 @@ class Progress:
         filled = min(20, finished * 20 // self.total)
         line = (
             f"[{'#' * filled}{'.' * (20 - filled)}] {finished}/{self.total} "
-            f"ok {self.ok} failed {self.failed} {time.monotonic() - self._start:6.1f}s"
+            f"ok {self.ok} failed {self.failed} refused {self.refused} "
+            f"{time.monotonic() - self._start:6.1f}s"
         )
         self._out.write(("\r" + line) if self._tty else line + "\n")
         self._out.flush()

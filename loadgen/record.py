@@ -3,6 +3,12 @@
 Times are seconds from the start of the run (``time.perf_counter()`` minus the run's
 start). A *chunk* is one streamed message carrying new tokens; ITL is the gap between
 consecutive chunks (a chunk of several tokens is one gap, as the user sees it).
+
+A *refusal* is the server's overload answer: RESOURCE_EXHAUSTED (gRPC) or HTTP 429 before
+any token. It is recorded apart from errors (``refused``, not ``error``), with its latency
+(``refusal_s``: sent to answered) and the retry hint the server gave (``retry-after-ms``
+trailing metadata; ``Retry-After`` seconds or ``retry-after-ms`` headers over HTTP): fast,
+clear refusals are what overload control is for, so they are measured, not failures.
 """
 
 from __future__ import annotations
@@ -37,12 +43,27 @@ class RequestRecord:
     output_tokens: int = 0  # usage.completion_tokens, else the streamed count
     finish_reason: str = ""
     error: str = ""  # "" on success, else a status name (UNAVAILABLE, HTTP_503, TIMEOUT...)
+    refused: bool = False  # the server refused it for overload (not an error)
+    retry_after_s: float | None = None  # a refusal's retry hint, when the server sent one
     route: str = ""  # prefill→decode worker ids when the server reports them
     reply: str = ""  # generated text (multi-turn replays it); not written to JSON
 
     @property
     def ok(self) -> bool:
         return not self.error and bool(self.chunk_times)
+
+    @property
+    def failed(self) -> bool:
+        """Neither completed nor refused: an error, a timeout, or a stream with no token."""
+        return not self.ok and not self.refused
+
+    @property
+    def refusal_s(self) -> float | None:
+        """How long the refusal took to arrive (sent to answered)."""
+        return self.end_s - self.sent_s if self.refused else None
+
+    def refuse(self, retry_after_s: float | None) -> None:
+        self.refused, self.error, self.retry_after_s = True, "", retry_after_s
 
     @property
     def ttft_s(self) -> float | None:
@@ -88,6 +109,9 @@ class RequestRecord:
             "output_tokens": self.output_tokens,
             "finish_reason": self.finish_reason,
             "error": self.error,
+            "refused": self.refused,
+            "refusal_s": _round(self.refusal_s),
+            "retry_after_s": self.retry_after_s,
             "route": self.route,
         }
 

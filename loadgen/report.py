@@ -19,6 +19,8 @@ from typing import Any
 COLUMNS = (
     ("run", lambda r: _run_name(r)),
     ("ok/sent", lambda r: f"{r['summary']['completed']}/{r['summary']['requests']}"),
+    ("refused", lambda r: r["summary"].get("refused")),
+    ("refusal p99", lambda r: (r["summary"].get("refusal_ms") or {}).get("p99")),
     ("TTFT p50", lambda r: r["summary"]["ttft_ms"]["p50"]),
     ("TTFT p99", lambda r: r["summary"]["ttft_ms"]["p99"]),
     ("ITL p50", lambda r: r["summary"]["itl_ms"]["p50"]),
@@ -58,6 +60,8 @@ def markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
             lines += [*disagg_table(scenario), ""]
         if scenario.get("goals"):
             lines += ["Goals:", "", "```json", json.dumps(scenario["goals"], indent=1), "```", ""]
+        if scenario.get("skipped"):
+            lines += [scenario["skipped"], ""]
         if scenario.get("peer_error"):
             lines += [f"The peer did not run: `{scenario['peer_error'][-300:]}`", ""]
     if plots:
@@ -127,6 +131,8 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 def _run_name(run: dict[str, Any]) -> str:
     name = f"{run['label']} · {run['workload']['kind']}"
+    if run.get("dtype"):
+        name += f" [{run['dtype']}]"
     load = run["load"]
     if load["mode"] == "open":
         return f"{name} @ {load['rate']:g}/s"

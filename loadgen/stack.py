@@ -40,6 +40,8 @@ class StackSpec:
     policy: str = "prefix_aware"
     load_weight: float | None = None  # prefix_aware's weight of queued tokens (None: default)
     conditional: Mapping[str, object] | None = None  # the pool's `conditional:`; None: off
+    # more keys of the router's pool (e.g. max_in_flight / max_queued: admission bounds)
+    pool_options: Mapping[str, object] | None = None
 
     @property
     def num_prefill(self) -> int:
@@ -197,6 +199,7 @@ class OurStack(Service):
             pool["load_weight"] = self.spec.load_weight
         if self.spec.conditional is not None:
             pool["conditional"] = dict(self.spec.conditional)
+        pool.update(self.spec.pool_options or {})
         return pool
 
     def dead(self) -> list[str]:
@@ -207,11 +210,17 @@ class OurStack(Service):
 
     def worker_status(self, timeout_s: float = 15.0) -> dict[str, dict[str, Any]]:
         """Each worker's KV blocks once it runs nothing (or after ``timeout_s``): used
-        blocks on an idle worker would be a leak."""
-        return {
-            name: idle_status(worker.grpc_address, timeout_s)
-            for name, worker in self._cluster.workers.items()
-        }
+        blocks on an idle worker would be a leak. A worker that cannot answer gets
+        ``{"error": ...}``: the run's measurements are kept either way."""
+        import grpc
+
+        status: dict[str, dict[str, Any]] = {}
+        for name, worker in self._cluster.workers.items():
+            try:
+                status[name] = idle_status(worker.grpc_address, timeout_s)
+            except grpc.RpcError as exc:
+                status[name] = {"error": f"{exc.code().name}: {exc.details()}"[:500]}
+        return status
 
     def stop(self) -> None:
         if self._router is not None:

@@ -8,6 +8,11 @@
              caches) + 1 decode, on the shared-prefix and multi-turn workloads
     peer     pdserve (router + 1 colocated worker) vs `transformers serve`, same model,
              same client (OpenAI HTTP for the peer), ShareGPT-like closed loop
+    vllm     pdserve 1P+1D vs `vllm serve` from the peer venv (`make bench-peers`), in fp32
+             and the default dtype, same workload and client (:mod:`scenario_vllm`);
+             skipped with a clear line when the peer is not installed
+    overload 1P+1D at 3x its sustainable rate: admitted TTFT p99 vs unloaded, refusals
+             (RESOURCE_EXHAUSTED / 429) and their latency (:mod:`scenario_overload`)
 
 Every stack of a comparison gets the same workloads (same seeds), the same load and a short
 warm-up first; stacks run one after another on this machine, never at the same time. Runs
@@ -37,7 +42,7 @@ from loadgen.stack import (
 from loadgen.summary import Slo
 from loadgen.workload import WorkloadSpec
 
-SCENARIOS = ("disagg", "routing", "peer")
+SCENARIOS = ("disagg", "routing", "peer", "vllm", "overload")
 POLICIES = ("prefix_aware", "round_robin", "least_loaded")
 
 
@@ -82,6 +87,31 @@ class Plan:
     )
     peer_concurrency: int = 4
     peer_slo: Slo = field(default_factory=lambda: Slo(ttft_ms=2000, tpot_ms=200))
+    # vllm: the comparison (`pdserve bench run --workload mixed_long --rate 0.5
+    # --num-requests 40`); None in vllm_dtypes is each system's default dtype
+    vllm_workload: WorkloadSpec = field(
+        default_factory=lambda: WorkloadSpec(kind="mixed_long", num_requests=40, seed=5)
+    )
+    vllm_rate: float = 0.5
+    vllm_dtypes: tuple[str | None, ...] = ("float32", None)
+    vllm_pdserve_apis: tuple[str, ...] = ("grpc", "http")
+    vllm_threads: int = 2
+    # overload: short chats; the sustainable rate is measured unless given
+    overload_workload: WorkloadSpec = field(
+        default_factory=lambda: WorkloadSpec(
+            kind="fixed", input_tokens=96, output_tokens=32, seed=6
+        )
+    )
+    overload_unloaded_requests: int = 12
+    overload_probe_requests: int = 24
+    overload_probe_concurrency: int = 4
+    overload_rate: float | None = None  # req/s the stack sustains; None: the probe's
+    overload_factor: float = 3.0
+    overload_duration_s: float = 60.0
+    overload_slo: Slo = field(default_factory=lambda: Slo(ttft_ms=2000, tpot_ms=200))
+    # the router pool's admission bounds in `overload` (router.admission); None: its defaults
+    overload_max_in_flight: int | None = 4
+    overload_max_queued: int | None = 4
     max_duration_s: float = 240.0
     drain_s: float = 120.0
 
@@ -99,6 +129,13 @@ class Plan:
             prefill_kv_blocks=256,
             sharegpt=full.sharegpt.with_overrides(num_requests=4, max_output_tokens=16),
             peer_concurrency=2,
+            vllm_workload=full.vllm_workload.with_overrides(num_requests=4, long_tokens=512),
+            vllm_rate=1.0,
+            vllm_pdserve_apis=("http",),
+            overload_unloaded_requests=3,
+            overload_probe_requests=4,
+            overload_probe_concurrency=2,
+            overload_duration_s=10.0,
             max_duration_s=60.0,
             drain_s=60.0,
         )
@@ -112,10 +149,15 @@ class Plan:
 def run_suite(
     plan: Plan, scenarios: Sequence[str], log_dir: Path, tokenizer: Any
 ) -> dict[str, Any]:
+    from loadgen.scenario_overload import overload_scenario  # they import this module
+    from loadgen.scenario_vllm import vllm_scenario
+
     runners: dict[str, Callable[[Plan, Path, Any], dict[str, Any]]] = {
         "disagg": disagg_scenario,
         "routing": routing_scenario,
         "peer": peer_scenario,
+        "vllm": vllm_scenario,
+        "overload": overload_scenario,
     }
     results = {}
     for name in scenarios:

@@ -6,6 +6,9 @@ and, when set, the longest ITL gap), per second of the run. The prefix-cache hit
 Σ cached / Σ prompt tokens over the requests whose server reported ``cached_tokens``.
 ``groups`` splits TTFT / ITL / E2E by the workload's request group (``mixed_long``: short
 chats vs long prompts); ``itl_gaps_over`` counts the stalls a user notices.
+Refusals (RESOURCE_EXHAUSTED / HTTP 429, see :mod:`record`) are neither completed nor
+failed: ``refused`` counts them, ``refusal_ms`` is how fast they came back, and
+``admitted`` = requests - refused is what the latency figures describe.
 """
 
 from __future__ import annotations
@@ -104,8 +107,14 @@ def summarize(
     return {
         "requests": len(records),
         "completed": len(ok),
-        "failed": len(records) - len(ok),
-        "errors": dict(Counter(r.error or "NO_TOKENS" for r in records if not r.ok)),
+        "failed": sum(r.failed for r in records),
+        "errors": dict(Counter(r.error or "NO_TOKENS" for r in records if r.failed)),
+        "refused": sum(r.refused for r in records),
+        "admitted": sum(not r.refused for r in records),
+        "refusal_ms": distribution(r.refusal_s for r in records if r.refusal_s is not None),
+        "retry_after_ms": distribution(
+            r.retry_after_s for r in records if r.retry_after_s is not None
+        ),
         "unsent": unsent,
         "duration_s": round(duration_s, 3),
         "ttft_ms": distribution(r.ttft_s for r in ok if r.ttft_s is not None),

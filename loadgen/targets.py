@@ -7,17 +7,22 @@
 
 ``send`` never raises for a server-side failure: it writes the status into
 ``record.error`` (the gRPC status name, ``HTTP_<code>``, ``TIMEOUT`` or ``CONNECTION``), so
-one bad request never ends a run. Cancellation (the run's deadline) propagates. An
-``api_key`` goes out as ``authorization: Bearer`` (gRPC metadata or the HTTP header).
+one bad request never ends a run. An overload refusal before any token (gRPC
+RESOURCE_EXHAUSTED, HTTP 429) is not an error: ``record.refuse(retry_after_s)`` marks it,
+with the hint from ``retry-after-ms`` trailing metadata / ``Retry-After`` header
+(:func:`classify_rpc_error`, :func:`classify_http_status`). Cancellation (the run's
+deadline) propagates. An ``api_key`` goes out as ``authorization: Bearer`` (gRPC metadata
+or the HTTP header).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from common.errors import RETRY_AFTER_METADATA
 from loadgen.record import ChatRequest, RequestRecord
 
 if TYPE_CHECKING:
@@ -93,7 +98,7 @@ class GrpcTarget:
                     record.cached_tokens = chunk.usage.cached_tokens
                     record.output_tokens = chunk.usage.completion_tokens
         except grpc.aio.AioRpcError as exc:
-            record.error = exc.code().name
+            classify_rpc_error(exc.code().name, exc.trailing_metadata(), record)
         record.end_s = clock()
         record.reply = "".join(parts)
         if not record.output_tokens:
@@ -147,7 +152,7 @@ class OpenAITarget:
                 body = self.body(request)
                 async with session.post(self._url, json=body, headers=self._headers) as response:
                     if response.status != 200:
-                        record.error = f"HTTP_{response.status}"
+                        classify_http_status(response.status, response.headers, record)
                     else:
                         async for line in response.content:
                             _read_event(line, record, parts, clock)
@@ -163,6 +168,46 @@ class OpenAITarget:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+REFUSAL_CODE = "RESOURCE_EXHAUSTED"
+REFUSAL_HTTP_STATUS = 429
+RETRY_AFTER_MS_KEY = RETRY_AFTER_METADATA  # the router's trailing-metadata / header key
+
+
+def classify_rpc_error(
+    code: str, trailing: Iterable[tuple[str, str | bytes]] | None, record: RequestRecord
+) -> None:
+    """A failed call's status: a refusal (RESOURCE_EXHAUSTED before any token, with the
+    ``retry-after-ms`` trailing metadata as its hint) or an error named by its code."""
+    if code != REFUSAL_CODE or record.chunk_times:
+        record.error = code
+        return
+    hint = next((v for k, v in trailing or () if k.lower() == RETRY_AFTER_MS_KEY), None)
+    record.refuse(_seconds(hint, scale=1e-3))
+
+
+def classify_http_status(status: int, headers: Mapping[str, str], record: RequestRecord) -> None:
+    """A non-200 answer: 429 is a refusal (hint: ``retry-after-ms``, else ``Retry-After``
+    in seconds; an HTTP-date is not a number and gives no hint), anything else an error."""
+    if status != REFUSAL_HTTP_STATUS:
+        record.error = f"HTTP_{status}"
+        return
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if RETRY_AFTER_MS_KEY in lowered:
+        record.refuse(_seconds(lowered[RETRY_AFTER_MS_KEY], scale=1e-3))
+    else:
+        record.refuse(_seconds(lowered.get("retry-after"), scale=1.0))
+
+
+def _seconds(value: str | bytes | None, scale: float) -> float | None:
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else value
+    try:
+        return float(text) * scale
+    except ValueError:
+        return None
 
 
 def _read_event(line: bytes, record: RequestRecord, parts: list[str], clock: Clock) -> None:

@@ -27,6 +27,8 @@ class DecodeJob:
     params: SamplingParams  # max_tokens, sampling and stop tokens
     prefill: PrefillTarget | None  # None: prefill on this worker (colocated, or a fallback)
     deadline: float | None = None  # time.monotonic() by which the client gives up
+    priority: int = 0  # admission order: higher first
+    client_id: str = ""  # the caller, for fair sharing of the admission queue
 
 
 @dataclass(frozen=True, slots=True)

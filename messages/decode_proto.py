@@ -28,7 +28,11 @@ _FROM_PROTO = {wire: reason for reason, wire in _TO_PROTO.items()}
 def job_to_proto(job: DecodeJob) -> worker_pb2.DecodeRequest:
     """The request; ``job.deadline`` travels as the call's gRPC timeout, not in it."""
     message = worker_pb2.DecodeRequest(
-        request_id=job.request_id, token_ids=job.prompt, sampling=sampling_to_proto(job.params)
+        request_id=job.request_id,
+        token_ids=job.prompt,
+        sampling=sampling_to_proto(job.params),
+        priority=job.priority,
+        client_id=job.client_id,
     )
     if job.prefill is not None:
         message.prefill.worker_id = job.prefill.worker_id
@@ -50,6 +54,8 @@ def job_from_proto(request: worker_pb2.DecodeRequest, time_remaining: float | No
         params=sampling_from_proto(request.sampling),
         prefill=prefill,
         deadline=deadline,
+        priority=request.priority,
+        client_id=request.client_id,
     )
 
 

@@ -22,6 +22,8 @@ class PrefillJob:
     num_blocks: int  # destination blocks reserved there; the prompt must fill exactly these
     layer_wise: bool  # send each layer's KV as soon as it is computed
     deadline: float | None = None  # time.monotonic() by which the decode worker gives up
+    priority: int = 0  # admission order: higher first (the client's)
+    client_id: str = ""  # the client, for fair sharing of the admission queue
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,8 @@ def job_to_proto(job: PrefillJob) -> worker_pb2.PrefillRequest:
         kv_address=job.kv_address,
         num_blocks=job.num_blocks,
         layer_wise=job.layer_wise,
+        priority=job.priority,
+        client_id=job.client_id,
     )
 
 
@@ -42,6 +44,8 @@ def job_from_proto(request: worker_pb2.PrefillRequest, time_remaining: float | N
         num_blocks=request.num_blocks,
         layer_wise=request.layer_wise,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        priority=request.priority,
+        client_id=request.client_id,
     )
 
 

@@ -2,6 +2,10 @@
 
 Queues, per request::
 
+    admission  waits for one of the worker's active slots (worker.admission): priority
+               first, callers round robin; a full queue refuses at once with
+               RESOURCE_EXHAUSTED and a retry-after hint (the decode worker then prefills
+               locally or elsewhere). The slot is held until the RPC answers.
     bootstrap  validated (prompt, block count, receiver address) and its KV send planned;
                handed to the engine thread, which takes new requests between steps.
     waiting    in the engine: queued FIFO for the per-step token budget and KV blocks,
@@ -27,6 +31,7 @@ import dataclasses
 import itertools
 import time
 
+from common.admission_gate import Refused
 from common.errors import ErrorCode, RequestError, invalid
 from common.sampling import SamplingParams
 from engine.async_engine import AsyncEngine
@@ -35,13 +40,21 @@ from kv_transfer.types import PeerAddress, TransferState
 from messages.prefill import PrefillJob, PrefillResult
 from prefill_worker.sends import SendPlan, SendTracker
 from prefill_worker.stats import PrefillStats
+from worker.admission import WorkerAdmission
 from worker.latency import LatencyWindow
 
 
 class Prefiller:
     """Runs Prefill requests against one engine; see the module docstring."""
 
-    def __init__(self, engine: AsyncEngine, sends: SendTracker, stats: PrefillStats) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sends: SendTracker,
+        stats: PrefillStats,
+        queue: WorkerAdmission,
+    ) -> None:
+        self.queue = queue  # the admission queue, before bootstrap
         self.draining = False
         self.active = 0
         self.queued_tokens = 0  # prompt tokens accepted and not yet prefilled (for routers)
@@ -56,6 +69,17 @@ class Prefiller:
             raise RequestError(ErrorCode.UNAVAILABLE, "worker is draining")
         peer = self._check(job)
         started = time.monotonic()
+        self.queued_tokens += len(job.prompt)  # until computed (or refused)
+        try:
+            async with self.queue.admitted(job.priority, job.client_id, job.deadline):
+                return await self._admitted(job, peer, started)
+        except Refused as exc:  # by the admission queue: nothing was started
+            self.queued_tokens -= len(job.prompt)
+            self._stats.finished(exc.code.value.lower())
+            raise
+
+    async def _admitted(self, job: PrefillJob, peer: PeerAddress, started: float) -> PrefillResult:
+        """Prefill and send, holding an admission slot; queued_tokens drops once computed."""
         rid = f"{job.request_id}#{next(self._ids)}"
         plan = SendPlan(job.transfer_id, peer, job.num_blocks, job.layer_wise, job.deadline)
         pending = self._sends.track(rid, plan)
@@ -63,7 +87,6 @@ class Prefiller:
         compute = asyncio.create_task(self._compute(rid, job.prompt, first_only))
         compute.add_done_callback(_retrieve)
         self.active += 1
-        self.queued_tokens += len(job.prompt)
         outcome = "cancelled"
         try:
             try:

@@ -13,7 +13,7 @@ import grpc
 
 from common.errors import RequestError
 from engine.async_engine import EngineStopped
-from messages.grpc_status import status_code
+from messages.grpc_status import abort
 from messages.prefill_proto import job_from_proto, result_to_proto
 from prefill_worker.prefill import Prefiller
 from proto import worker_pb2, worker_pb2_grpc
@@ -35,7 +35,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         try:
             result = await self._prefiller.run(job)
         except RequestError as exc:
-            await context.abort(status_code(exc.code), exc.message)
+            await abort(context, exc)  # with a refusal's retry-after-ms
         except EngineStopped as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {exc}")
         return result_to_proto(result)

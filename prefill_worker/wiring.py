@@ -17,6 +17,7 @@ from engine.async_engine import AsyncEngine
 from engine.kv_cache import KVCache
 from engine.llm_engine import LLMEngine
 from kv_transfer.interfaces import KVSender
+from kv_transfer.prometheus import prometheus_budget
 from kv_transfer.sender import TorchDistSender
 from kv_transfer.types import TransferConfig
 from prefill_worker.worker import PrefillApp
@@ -43,6 +44,10 @@ def build_prefill_app(
     """
     llm = engine if engine is not None else LLMEngine(config.engine)
     if make_sender is None:
-        make_sender = functools.partial(TorchDistSender, name=f"{worker_id}-{os.getpid()}")
+        make_sender = functools.partial(
+            TorchDistSender,
+            name=f"{worker_id}-{os.getpid()}",
+            budget=prometheus_budget(metrics, "sender", config.kv_transfer.max_pair_groups),
+        )
     sender = make_sender(llm.kv_cache, llm.model_config.name, config.kv_transfer)
     return PrefillApp(config, AsyncEngine(llm), sender, metrics)

@@ -24,6 +24,7 @@ from prefill_worker.sends import SendTracker
 from prefill_worker.service import SERVICE_NAME, PrefillServicer
 from prefill_worker.stats import PrefillStats
 from proto import worker_pb2_grpc
+from worker.admission import WorkerAdmission
 from worker.config import WorkerConfig
 from worker.snapshot import WorkerSnapshot
 
@@ -45,7 +46,10 @@ class PrefillApp:
         self.sender = sender
         self.sends = SendTracker(sender, engine.layout.num_layers, engine.abort)
         engine.set_layer_hook(self.sends.after_layer)
-        self.prefiller = Prefiller(engine, self.sends, PrefillStats(metrics))
+        self.queue = WorkerAdmission(
+            "prefill worker", config.active_limit, config.admission_queue_size, metrics
+        )
+        self.prefiller = Prefiller(engine, self.sends, PrefillStats(metrics), self.queue)
         self.services: Sequence[tuple[AddServicerFn, Any]] = [
             (worker_pb2_grpc.add_PrefillWorkerServicer_to_server, PrefillServicer(self.prefiller))
         ]
@@ -60,7 +64,7 @@ class PrefillApp:
 
     def _snapshot(self, s: EngineStats) -> WorkerSnapshot:
         in_flight = self.sends.in_flight
-        waiting = max(self.sends.tracked - in_flight, 0)
+        waiting = max(self.sends.tracked - in_flight, 0) + self.queue.queued
         return WorkerSnapshot(
             waiting=waiting,
             running=s.running,
@@ -69,9 +73,17 @@ class PrefillApp:
             cached_blocks=s.cached_blocks,
             total_blocks=s.total_blocks,
             in_flight_transfers=in_flight,
-            queues={"waiting": waiting, "engine_waiting": s.waiting, "in_flight": in_flight},
+            kv_peers=self.sender.peers(),
+            queues={
+                "admission": self.queue.queued,
+                "waiting": waiting,
+                "engine_waiting": s.waiting,
+                "in_flight": in_flight,
+            },
             queued_prefill_tokens=self.prefiller.queued_tokens,
             ttft_ms_recent=self.prefiller.ttft_window.mean_ms(),
+            queue_time_ms_recent=self.queue.queue_time_ms(),
+            admission_limit=self.queue.limit,
         )
 
     async def take_kv_events(self) -> list[KVEvent]:

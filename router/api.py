@@ -49,6 +49,8 @@ class GenerateInput:
     messages: tuple[ChatMessage, ...] | None = None
     token_ids: tuple[int, ...] | None = None
     sampling: SamplingSpec = SamplingSpec()
+    priority: int = 0  # admission order under load: higher first (0 normal, 1 high; 0..9)
+    client_id: str = ""  # the caller (x-client-id / X-Client-Id / its API key); "" = anonymous
 
     @property
     def semantic_text(self) -> str | None:

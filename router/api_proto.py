@@ -52,7 +52,7 @@ def input_to_proto(req: GenerateInput) -> serving_pb2.GenerateRequest:
     if s.seed is not None:
         sampling.seed = s.seed
     request = serving_pb2.GenerateRequest(
-        request_id=req.request_id, model=req.model, sampling=sampling
+        request_id=req.request_id, model=req.model, sampling=sampling, priority=req.priority
     )
     if req.prompt is not None:
         request.prompt = req.prompt
@@ -90,6 +90,7 @@ def input_from_proto(request: serving_pb2.GenerateRequest) -> GenerateInput:
             ignore_eos=s.ignore_eos,
             stop_token_ids=tuple(s.stop_token_ids),
         ),
+        priority=request.priority,
     )
 
 

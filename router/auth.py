@@ -11,6 +11,7 @@ Open without a key file: :func:`load_keys` returns None and nothing is checked. 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -61,6 +62,15 @@ def bearer_token(value: str | None) -> str | None:
     if value is None or value[: len(BEARER)].lower() != BEARER:
         return None
     return value[len(BEARER) :].strip() or None
+
+
+def client_id_of(authorization: str | None) -> str:
+    """The default client id of a caller that names none: its API key's fingerprint
+    (``key-`` + 12 hex digits of its SHA-256, never the key), or "" without a key."""
+    token = bearer_token(authorization)
+    if token is None:
+        return ""
+    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def load_keys(path: str | None) -> ApiKeys | None:

@@ -49,6 +49,7 @@ def build_request(
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    priority: int = 0,
 ) -> serving_pb2.GenerateRequest:
     """A GenerateRequest. ``chat=True`` sends ``prompt`` as a user message (after an
     optional ``system`` message); ``messages`` are (role, content) pairs."""
@@ -64,7 +65,7 @@ def build_request(
     if chat and prompt is not None:
         pairs = [("system", system)] if system else []
         messages = [*pairs, ("user", prompt)]
-    req = GenerateInput(request_id=request_id, model=model, sampling=sampling)
+    req = GenerateInput(request_id=request_id, model=model, sampling=sampling, priority=priority)
     if messages is not None:  # the first of messages, token_ids, prompt that is given
         chat_messages = tuple(ChatMessage(role, content) for role, content in messages)
         req = replace(req, messages=chat_messages)

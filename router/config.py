@@ -21,7 +21,10 @@ of the default model)::
     refresh_interval_s: 0.1     # registry snapshot refresh
     quarantine_s: 5.0           # a worker that just failed is avoided this long
     max_migrations: 3           # times one stream may resume on another decode worker; 0 = never
+    default_deadline_s: 300.0   # for requests that set no deadline; null = none
     prediction_ttl_s: 10.0      # predicted prefix-index entries not confirmed by an event
+    max_indexed_blocks: 4000000 # prefix-index cap per pool, (worker, block) entries (~80 B
+                                # each); least recently used blocks are evicted past it
     pools:
       - name: chat
         model: SmolLM2-135M-Instruct   # the model name its workers register
@@ -29,6 +32,9 @@ of the default model)::
         policy: prefix_aware    # prefix_aware | round_robin | random | least_loaded
         max_model_len: null     # context cap; null = the model's own
         load_weight: 0.25       # prefix_aware: weight of queued prefill tokens
+        max_in_flight: 256      # requests streaming in the pool at once (router.admission)
+        max_queued: 512         # more wait (priority, then callers round robin); past it
+                                # RESOURCE_EXHAUSTED with trailing metadata retry-after-ms
         conditional:            # absent / null = always prefill remotely (router.disagg_policy)
           enabled: true
           local_max_uncached_tokens: 256             # short / cached prompts prefill locally
@@ -92,9 +98,19 @@ class PoolConfig:
     max_model_len: int | None = None
     load_weight: float = DEFAULT_LOAD_WEIGHT
     conditional: DisaggThresholds | None = None  # None: always prefill on a prefill worker
+    max_in_flight: int = 256  # overload control: requests past the pool's admission queue
+    max_queued: int = 512  # requests waiting in it; the next is refused
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "pool name must be non-empty")
+        _require(
+            isinstance(self.max_in_flight, int) and self.max_in_flight >= 1,
+            f"pool {self.name}: max_in_flight must be an integer >= 1",
+        )
+        _require(
+            isinstance(self.max_queued, int) and self.max_queued >= 0,
+            f"pool {self.name}: max_queued must be an integer >= 0",
+        )
         if isinstance(self.conditional, Mapping):
             where = f"pools[{self.name}].conditional"
             object.__setattr__(
@@ -185,7 +201,9 @@ class RouterConfig:
     refresh_interval_s: float = 0.1
     quarantine_s: float = 5.0
     max_migrations: int = 3  # per request, after its first token (router.migration)
+    default_deadline_s: float | None = 300.0  # requests without a deadline get this one
     prediction_ttl_s: float = 10.0
+    max_indexed_blocks: int = 4_000_000  # per pool's prefix index (router.index)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -213,6 +231,14 @@ class RouterConfig:
         _require(
             isinstance(self.max_migrations, int) and self.max_migrations >= 0,
             f"max_migrations must be an integer >= 0, got {self.max_migrations!r}",
+        )
+        _require(
+            self.default_deadline_s is None or self.default_deadline_s > 0,
+            f"default_deadline_s must be > 0 or null, got {self.default_deadline_s!r}",
+        )
+        _require(
+            isinstance(self.max_indexed_blocks, int) and self.max_indexed_blocks >= 1,
+            f"max_indexed_blocks must be an integer >= 1, got {self.max_indexed_blocks!r}",
         )
         for name in ("refresh_interval_s", "quarantine_s", "prediction_ttl_s"):
             _require(getattr(self, name) > 0, f"{name} must be > 0")

@@ -5,6 +5,10 @@ Lifecycle of one request (:meth:`Generator.generate`)::
     admit     check the input; resolve ``model`` to candidate pools (NOT_FOUND);
               semantic route among them, else the default pool; tokenize with that
               pool's tokenizer; check lengths against its context; hash the blocks
+    queue     the pool's admission queue (router.admission): wait for one of its
+              ``max_in_flight`` slots by priority and caller, or RESOURCE_EXHAUSTED at once
+              with a retry-after hint; held until the stream ends. A request with no
+              deadline gets ``default_deadline_s`` (DEADLINE_EXCEEDED when it passes)
     route     per attempt: prefix match in the pool's index → policy → Decision;
               predict the prompt's blocks on the chosen worker; debug-log the scores
     stream    DecodeStreamer yields token deltas (retrying before the first token);
@@ -19,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from common.admission_gate import Refused
 from common.errors import ErrorCode, RequestError
 from common.hashing import block_hashes
+from router.admission import TOO_LARGE, WORKERS_FULL, RouterAdmission
 from router.api import Chunk, GenerateInput, ModelCard
 from router.config import PoolConfig, RouterConfig
 from router.index import PrefixIndex
@@ -79,6 +86,12 @@ class Generator:
         self._streamer = streamer
         self._metrics = metrics
         self._semantic = semantic
+        self._admission = RouterAdmission(config.pools, metrics)
+
+    @property
+    def admission(self) -> RouterAdmission:
+        """The per-pool admission queues (read-only use: depths, for tests and status)."""
+        return self._admission
 
     def list_models(self) -> list[ModelCard]:
         cards = []
@@ -100,6 +113,8 @@ class Generator:
     async def generate(self, req: GenerateInput, timeout_s: float | None) -> AsyncIterator[Chunk]:
         """The reply's chunks; raises RequestError (and CancelledError if the client left)."""
         start = time.monotonic()
+        if timeout_s is None:
+            timeout_s = self._config.default_deadline_s
         deadline = start + timeout_s if timeout_s is not None else None
         pool, route = "", ""
         status = "OK"
@@ -111,15 +126,18 @@ class Generator:
             route = match.route if match else ""
             prepared, hashes = await self._admit(req, request_id, self._pools[pool])
             rt = self._pools[pool]
-            deltas = self._streamer.stream(prepared, self._plan(prepared, hashes, rt), deadline)
-            replies = reply_chunks(
-                deltas, prepared, rt.tokenizer.decode, self._pool_metrics(pool), route, start
-            )
-            async with contextlib.aclosing(replies):
-                async for chunk in replies:
-                    yield chunk
+            async with self._admission.admitted(pool, req.priority, req.client_id, deadline):
+                deltas = self._streamer.stream(prepared, self._plan(prepared, hashes, rt), deadline)
+                replies = reply_chunks(
+                    deltas, prepared, rt.tokenizer.decode, self._pool_metrics(pool), route, start
+                )
+                async with contextlib.aclosing(replies):
+                    async for chunk in replies:
+                        yield chunk
         except RequestError as exc:
             status = exc.code.value
+            if exc.code is ErrorCode.RESOURCE_EXHAUSTED and not isinstance(exc, Refused):
+                self._workers_refused(pool, exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             status = ErrorCode.CANCELLED.value
@@ -133,6 +151,12 @@ class Generator:
             self._metrics.requests.labels(pool, route, status).inc()
             if status == "OK":
                 self._pool_metrics(pool).e2e.observe(time.monotonic() - start)
+
+    def _workers_refused(self, pool: str, exc: RequestError) -> None:
+        """Every worker refused: for now (their queues were full: the refusal carries their
+        retry-after hint, router.stream), or for good (the prompt can never fit: no hint)."""
+        if pool:
+            self._admission.refused(pool, WORKERS_FULL if exc.retry_after_ms else TOO_LARGE)
 
     def _pool_metrics(self, pool: str) -> PoolMetrics:
         return self._metrics.pool(pool, self._pools[pool].policy.name)
@@ -183,6 +207,7 @@ class Generator:
             rt.tokenizer.facts.vocab_size,
             self._config.limits,
         )
+        prepared = dataclasses.replace(prepared, priority=req.priority, client_id=req.client_id)
         block_size = self._view.snapshot(rt.config.name).block_size
         if block_size is None:
             raise RequestError(ErrorCode.UNAVAILABLE, f"pool {rt.config.name!r} has no live worker")

@@ -3,7 +3,8 @@
 Same :class:`~router.generation.Generator` as gRPC, so the same routing, limits and
 metrics. Lifecycle of one request::
 
-    auth       /v1/*: ``Authorization: Bearer <key>`` when keys are set (401); /health open
+    auth       /v1/*: ``Authorization: Bearer <key>`` when keys are set (401); /health open.
+               The caller (fair sharing): ``X-Client-Id``, else body ``user``, else the key
     body       read up to the size limit (413), JSON (400), parsed by router.openai_convert
                into one GenerateInput per choice (400 with the parameter named)
     generate   router.choices.Choices runs the choices; an error before the first chunk
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import time
@@ -36,9 +38,12 @@ from pydantic import ValidationError
 from common.errors import RequestError, invalid
 from common.generation import Usage
 from router import openai_convert as oc
-from router.auth import ApiKeys
+from router.api import GenerateInput
+from router.auth import ApiKeys, client_id_of
 from router.choices import Choices
 from router.generation import Generator
+
+CLIENT_ID_HEADER = "x-client-id"  # names the caller for fair sharing of the queues
 
 
 class _TooLarge(Exception):
@@ -81,6 +86,7 @@ def build_app(generator: Generator, keys: ApiKeys | None, max_body_bytes: int) -
             return _error(oc.validation_error_reply(exc))
         except RequestError as exc:
             return _error(oc.request_error_reply(exc))
+        inputs = [_with_client_id(one, request) for one in inputs]
         reply = oc.Reply(chat, reply_id, req.model or _default_model(generator), int(time.time()))
         run = Choices(generator, inputs)
         if req.stream:
@@ -88,6 +94,14 @@ def build_app(generator: Generator, keys: ApiKeys | None, max_body_bytes: int) -
         return await _whole(request, run, reply, len(inputs), req.n)
 
     return app
+
+
+def _with_client_id(one: GenerateInput, request: Request) -> GenerateInput:
+    """The caller: the ``X-Client-Id`` header, else the body's ``user``, else the API
+    key's fingerprint, else anonymous ("")."""
+    named = request.headers.get(CLIENT_ID_HEADER) or one.client_id
+    caller = named or client_id_of(request.headers.get("authorization"))
+    return dataclasses.replace(one, client_id=caller) if caller != one.client_id else one
 
 
 def _default_model(generator: Generator) -> str:

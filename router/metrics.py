@@ -14,6 +14,13 @@
 - ``migrations_total{pool, cause}``: streams resumed on another decode worker after their
   first token (cause ``worker_died`` | ``drained`` | ``stream_broken``, router.migration),
   and ``migration_seconds{pool}``: from the break to the resumed stream's next token
+- ``admission_queue_depth{pool}``, ``admission_queue_seconds{pool}``: requests waiting in
+  the pool's admission queue, and each request's wait there (router.admission)
+- ``rejections_total{pool, reason}``: refusals for overload (``queue_full`` |
+  ``displaced`` | ``deadline`` | ``workers_full`` | ``too_large``)
+- ``prefix_index_entries{pool}``, ``prefix_index_bytes{pool}`` (an estimate),
+  ``prefix_index_evicted{pool}`` (entries evicted, ever): the prefix index's size against its cap
+  (``max_indexed_blocks``), set at every registry refresh
 - ``retries_total{pool, reason}``, ``in_flight``, ``semantic_seconds``
 """
 
@@ -87,6 +94,26 @@ class RouterMetrics:
             ["pool", "mode", "reason"],
         )
         self.in_flight = m.gauge("router_in_flight", "Requests being served")
+        self.index_entries = m.gauge(
+            "router_prefix_index_entries", "(worker, block) entries in the prefix index", ["pool"]
+        )
+        self.index_bytes = m.gauge(
+            "router_prefix_index_bytes", "Estimated memory of the prefix index", ["pool"]
+        )
+        self.index_evictions = m.gauge(
+            "router_prefix_index_evicted",
+            "Prefix-index entries evicted for the cap (max_indexed_blocks), ever",
+            ["pool"],
+        )
+        self.admission_depth = m.gauge(
+            "router_admission_queue_depth", "Requests waiting in a pool's admission queue", ["pool"]
+        )
+        self.admission_seconds = m.histogram(
+            "router_admission_queue_seconds", "Time in a pool's admission queue", ["pool"]
+        )
+        self.rejections = m.counter(
+            "router_rejections", "Requests refused for overload", ["pool", "reason"]
+        )
         self.semantic = m.histogram(
             "router_semantic_seconds", "Semantic classification time", buckets=_DECISION_BUCKETS_S
         )

@@ -14,9 +14,18 @@ The client sees one stream: the router's detokenizer and stop-string matcher nev
 switch (they live in :mod:`router.replies`, above the streamer); usage counts the original
 prompt, every generated token once, and the first attempt's cached tokens.
 
-What holds: greedy output equals an uninterrupted run. A seeded sampled stream keeps its seed,
-but the worker's generator restarts at the resumed position, so the continuation is a valid
-sample from the same distribution, not the bytes an uninterrupted run would have produced.
+A break right at the end of a reply is not resumed: the worker sends the last token and
+the finish reason in one message, so either both arrived (the stream is over, and the
+streamer never reads past the finish) or neither did (the resumed attempt regenerates that
+token). When the tokens already sent end the reply by themselves — ``max_tokens`` spent,
+or the last one is a stop token id — but the finish was lost, :func:`finished_by` names
+the finish and the router ends the stream itself: no extra token, one finish.
+
+What holds: greedy output equals an uninterrupted run in fp32 (in bf16 greedy tokens depend
+on the batch and on decode vs recompute, so two runs may part ways). A seeded sampled stream
+keeps its seed, but the worker's generator restarts at the resumed position, so the
+continuation is a valid sample from the same distribution, not the bytes an uninterrupted
+run would have produced.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from common.generation import Usage
+from common.generation import FinishReason, Usage
 from router.request import PreparedRequest
 
 # Causes (the ``cause`` label of ``router_migrations_total``):
@@ -44,6 +53,18 @@ def migration_cause(code: str, draining: bool) -> str | None:
     if code in _LOST:
         return DRAINED if draining else WORKER_DIED
     return STREAM_BROKEN if code == "UNKNOWN" else None
+
+
+def finished_by(request: PreparedRequest, sent: Sequence[int]) -> FinishReason | None:
+    """How the reply already ended if the tokens ``sent`` complete it (LENGTH when
+    ``max_tokens`` is spent, STOP when the last one is a stop token id); None when
+    there is more to generate. The model's own EOS token always comes with its finish
+    reason in the same message, so a stream that broke after it never reaches here."""
+    if len(sent) >= request.sampling.max_tokens:
+        return FinishReason.LENGTH
+    if sent and sent[-1] in request.sampling.stop_token_ids:
+        return FinishReason.STOP
+    return None
 
 
 def resume_request(request: PreparedRequest, sent: Sequence[int]) -> PreparedRequest:

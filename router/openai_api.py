@@ -4,7 +4,8 @@
 :class:`ChatCompletionRequest`. Fields we do not know are ignored (clients and load
 generators send vendor extras); fields we know but do not implement are refused with a
 400 that names them (:meth:`unsupported`) rather than silently ignored. Extensions, as in
-vLLM / SGLang: ``top_k``, ``ignore_eos``.
+vLLM / SGLang: ``top_k``, ``ignore_eos``, ``priority`` (0 = normal .. 9; unlike vLLM's,
+*higher* is admitted first).
 
 :mod:`router.openai_convert` turns a parsed body into :class:`router.api.GenerateInput`\\ s
 and results back into response JSON.
@@ -38,7 +39,8 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, unused
+    user: str | None = None  # the caller's id for fair sharing, unless X-Client-Id is sent
+    priority: int = Field(0, ge=0, le=9)  # extension: admission order, higher first
     ignore_eos: bool = False  # extension
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

@@ -28,7 +28,7 @@ from common.generation import FinishReason, Usage
 from router.api import ChatMessage, GenerateInput, ModelCard, SamplingSpec
 from router.openai_api import ChatCompletionRequest, CompletionRequest
 
-RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait when the refusal gave no hint
 
 _STATUS_OF_CODE = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -65,15 +65,24 @@ class ErrorReply:
 
 
 def error_reply(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after_ms: int | None = None,
 ) -> ErrorReply:
+    """A 429 carries ``Retry-After`` (whole seconds, rounded up) and ``retry-after-ms``."""
     error = {
         "message": message,
         "type": _TYPE_OF_STATUS.get(status, "internal_error"),
         "param": param,
         "code": code,
     }
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else {}
+    headers = {}
+    if status == 429:
+        ms = RETRY_AFTER_S * 1000 if retry_after_ms is None else retry_after_ms
+        headers = {"Retry-After": str(max(-(-ms // 1000), 1)), "retry-after-ms": str(ms)}
     return ErrorReply(status, {"error": error}, headers)
 
 
@@ -83,6 +92,7 @@ def request_error_reply(exc: RequestError) -> ErrorReply:
         exc.message,
         param=getattr(exc, "param", None),
         code=_CODE_OF_ERROR.get(exc.code),
+        retry_after_ms=exc.retry_after_ms,
     )
 
 
@@ -126,6 +136,8 @@ def parse_completion(body: Any, request_id: str) -> tuple[CompletionRequest, lis
                 request_id=f"{request_id}-{p * req.n + i}",
                 model=req.model,
                 sampling=_spec(req, req.max_tokens, i),
+                priority=req.priority,
+                client_id=req.user or "",
             )
             if isinstance(one, str):
                 inputs.append(replace(base, prompt=one))
@@ -146,6 +158,8 @@ def parse_chat(body: Any, request_id: str) -> tuple[ChatCompletionRequest, list[
             model=req.model,
             messages=messages,
             sampling=_spec(req, req.token_limit, i),
+            priority=req.priority,
+            client_id=req.user or "",
         )
         for i in range(req.n)
     ]

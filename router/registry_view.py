@@ -5,7 +5,11 @@ workers), then a task re-reads it every ``interval_s`` and swaps in new immutabl
 :class:`~router.snapshot.PoolSnapshot` objects; ``snapshot(pool)`` is a dict lookup on
 the request path. Several routers reading one Redis see the same workers.
 
-Draining workers (their load says so) are left out. If Redis stays unreachable for
+Each snapshot also carries its workers sorted by load (:class:`~router.candidates.LoadOrder`),
+so that a decision in a big pool scores a shortlist instead of every worker: the sorting
+happens here, once per refresh, on the refresh's own schedule — its cost grows with the
+fleet, never with the request rate (``benchmarks/router_overhead.py`` measures it at 2,000
+workers). Draining workers (their load says so) are left out. If Redis stays unreachable for
 ``stale_after_s`` the snapshots empty out: routing to workers nobody can vouch for is worse
 than UNAVAILABLE. ``on_refresh(live_ids)`` lets the owner forget state of departed workers.
 With a cluster secret, registrations not signed with it never reach the view: the
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterable
 
 from common.registry import Registry
 from common.worker_info import WorkerInfo, WorkerLoad, WorkerRole
+from router.candidates import load_order
 from router.snapshot import PoolSnapshot, WorkerView
 from router.tasks import cancel_and_wait
 
@@ -43,6 +48,7 @@ class RegistryView:
         self._on_refresh = on_refresh
         self._snapshots = {pool: PoolSnapshot(pool) for pool in self._pools}
         self._last_ok = time.monotonic()
+        self._epoch = 0  # refreshes so far: reshuffles load ties (router.candidates)
         self._task: asyncio.Task[None] | None = None
 
     def snapshot(self, pool: str) -> PoolSnapshot:
@@ -63,7 +69,10 @@ class RegistryView:
         workers = await self._registry.list_workers()
         loads = await self._registry.loads([w.worker_id for w in workers]) if workers else {}
         now = time.monotonic()
-        self._snapshots = {pool: _build(pool, workers, loads, now) for pool in self._pools}
+        self._epoch += 1
+        self._snapshots = {
+            pool: _build(pool, workers, loads, now, self._epoch) for pool in self._pools
+        }
         self._last_ok = now
         if self._on_refresh is not None:
             self._on_refresh(frozenset(w.worker_id for w in workers))
@@ -86,7 +95,7 @@ class RegistryView:
 
 
 def _build(
-    pool: str, workers: list[WorkerInfo], loads: dict[str, WorkerLoad], now: float
+    pool: str, workers: list[WorkerInfo], loads: dict[str, WorkerLoad], now: float, epoch: int
 ) -> PoolSnapshot:
     groups: dict[WorkerRole, list[WorkerView]] = {role: [] for role in WorkerRole}
     draining: list[str] = []
@@ -98,11 +107,14 @@ def _build(
             draining.append(info.worker_id)
         else:
             groups[info.role].append(view)
+    prefill, decode = groups[WorkerRole.PREFILL], groups[WorkerRole.DECODE]
+    colocated = groups[WorkerRole.COLOCATED]
     return PoolSnapshot(
         pool=pool,
-        prefill=tuple(groups[WorkerRole.PREFILL]),
-        decode=tuple(groups[WorkerRole.DECODE]),
-        colocated=tuple(groups[WorkerRole.COLOCATED]),
+        prefill=tuple(prefill),
+        decode=tuple(decode),
+        colocated=tuple(colocated),
         taken_at=now,
         draining=tuple(draining),
+        order=load_order(prefill, decode, colocated, epoch),
     )

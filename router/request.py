@@ -24,6 +24,8 @@ from router.config import LimitsConfig
 from router.tokenizer import ModelTokenizer
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_PRIORITY = 9  # priorities are 0 (normal) .. 9; higher is admitted first
+MAX_CLIENT_ID_CHARS = 128
 MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_STRING_CHARS = 1024
 
@@ -36,6 +38,8 @@ class PreparedRequest:
     token_ids: tuple[int, ...]
     sampling: SamplingParams  # resolved: what the decode worker receives
     stop: tuple[str, ...]  # stop strings, applied on text by the router
+    priority: int = 0  # admission order on the workers: higher first
+    client_id: str = ""  # the caller, for fair sharing of the workers' queues
 
 
 def check_input(req: GenerateInput, limits: LimitsConfig) -> str:
@@ -55,6 +59,10 @@ def check_input(req: GenerateInput, limits: LimitsConfig) -> str:
     elif not req.token_ids:
         raise invalid("token_ids is empty")
     _check_sampling(req.sampling, limits)
+    if not 0 <= req.priority <= MAX_PRIORITY:
+        raise invalid(f"priority must be in [0, {MAX_PRIORITY}] (higher first), got {req.priority}")
+    if len(req.client_id) > MAX_CLIENT_ID_CHARS or not req.client_id.isprintable():
+        raise invalid(f"client id must be <= {MAX_CLIENT_ID_CHARS} printable characters")
     return request_id
 
 

@@ -67,7 +67,10 @@ class RouterServer:
         )
         self.tracker = WorkerTracker(config.quarantine_s)
         self.channels = ChannelPool(secret=secret)
-        self.indexes = {p.name: PrefixIndex(config.prediction_ttl_s) for p in config.pools}
+        self.indexes = {
+            p.name: PrefixIndex(config.prediction_ttl_s, max_entries=config.max_indexed_blocks)
+            for p in config.pools
+        }
         self.view = RegistryView(
             self.registry,
             [p.name for p in config.pools],
@@ -174,8 +177,11 @@ class RouterServer:
         return pools
 
     def _on_refresh(self, live: frozenset[str]) -> None:
-        for index in self.indexes.values():
+        for name, index in self.indexes.items():
             index.retain(live)
+            self.metrics.index_entries.labels(name).set(index.num_entries)
+            self.metrics.index_bytes.labels(name).set(index.approx_bytes)
+            self.metrics.index_evictions.labels(name).set(index.evicted)
         self.tracker.retain(live)
         addresses = {
             w.info.grpc_address

@@ -9,14 +9,16 @@ is handed down; a cancelled client cancels the handler, which cancels the worker
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
 
 from common.errors import RequestError
-from messages.grpc_status import status_code
+from messages.grpc_status import abort
 from proto import serving_pb2, serving_pb2_grpc
 from router import api_proto
+from router.auth import client_id_of
 from router.generation import Generator
 
 
@@ -28,12 +30,15 @@ class GenerationServicer(serving_pb2_grpc.GenerationServicer):
         self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[serving_pb2.GenerateResponse]:
         req = api_proto.input_from_proto(request)
+        client_id = _client_id(context)
+        if client_id:
+            req = dataclasses.replace(req, client_id=client_id)
         chunks = self._generator.generate(req, context.time_remaining())
         try:
             async for chunk in chunks:
                 yield api_proto.chunk_to_proto(chunk)
         except RequestError as exc:
-            await context.abort(status_code(exc.code), exc.message)
+            await abort(context, exc)  # with a refusal's retry-after-ms
         except Exception as exc:  # a bug: logged by the generator; the client gets INTERNAL
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
 
@@ -41,3 +46,12 @@ class GenerationServicer(serving_pb2_grpc.GenerationServicer):
         self, request: serving_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> serving_pb2.ListModelsResponse:
         return api_proto.models_to_proto(self._generator.list_models())
+
+
+CLIENT_ID_METADATA = "x-client-id"  # names the caller for fair sharing of the queues
+
+
+def _client_id(context: grpc.aio.ServicerContext) -> str:
+    """``x-client-id`` metadata, else the API key's fingerprint, else "" (anonymous)."""
+    metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    return metadata.get(CLIENT_ID_METADATA) or client_id_of(metadata.get("authorization"))

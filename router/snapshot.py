@@ -8,8 +8,12 @@ finish) is a :class:`Pending` per worker. Policies read both and mutate neither.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.worker_info import WorkerInfo, WorkerLoad
+
+if TYPE_CHECKING:
+    from router.candidates import LoadOrder
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,9 @@ class PoolSnapshot:
     colocated: tuple[WorkerView, ...] = ()
     taken_at: float = 0.0  # time.monotonic() of the refresh
     draining: tuple[str, ...] = field(default=())  # ids left out because they drain
+    # The same workers sorted by load, for shortlists in big pools (router.candidates);
+    # None: score every worker.
+    order: LoadOrder | None = None
 
     @property
     def block_size(self) -> int | None:

@@ -11,8 +11,9 @@ Lifecycle of a request here (one or more *attempts*)::
 Failure policy, before the first token:
 
 - INVALID_ARGUMENT from the worker → the client's fault, returned as is;
-- RESOURCE_EXHAUSTED (the worker refuses) → try another decode worker; when every one has
-  refused, RESOURCE_EXHAUSTED;
+- RESOURCE_EXHAUSTED (the worker refuses: its admission queue is full, or the prompt can
+  never fit) → try another decode worker; when every one has refused, RESOURCE_EXHAUSTED
+  with the soonest of their ``retry-after-ms`` hints;
 - anything else (worker died, prefill failed, internal error) → retried *once* on other
   workers where there are any; the second failure → UNAVAILABLE.
 
@@ -44,9 +45,10 @@ from common.errors import ErrorCode, RequestError
 from common.generation import FinishReason, Usage
 from messages.decode import DecodeJob, PrefillTarget
 from messages.decode_proto import delta_from_proto, job_to_proto
+from messages.grpc_status import retry_after_ms
 from proto import worker_pb2
 from router.channels import ChannelPool
-from router.migration import Progress, migration_cause, resume_request
+from router.migration import Progress, finished_by, migration_cause, resume_request
 from router.request import PreparedRequest
 from router.routing import Decision
 from router.tracker import WorkerTracker
@@ -108,8 +110,14 @@ class DecodeStreamer:
         failures = attempts = 0
         progress = Progress(len(request.token_ids))
         current = request  # what this attempt sends: the request, or its resumption
+        hints: list[int] = []  # retry-after hints of the workers that refused it
         while True:
-            decision = self._decide(plan, avoid, refused, progress)
+            try:
+                decision = self._decide(plan, avoid, refused, progress)
+            except RequestError as exc:
+                if exc.code is ErrorCode.RESOURCE_EXHAUSTED and hints:
+                    exc.retry_after_ms = min(hints)  # the soonest a refusing worker has room
+                raise
             attempts += 1
             decode_id = decision.decode.worker_id
             ticket = self._tracker.open(
@@ -145,30 +153,29 @@ class DecodeStreamer:
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED.name and tokens == 0:
                         refused.add(decode_id)  # a resumed attempt refused: try another
                         continue
+                    finished = finished_by(request, progress.sent)
+                    if finished is not None:
+                        # The reply is complete, only the finish reason was lost: finish
+                        # here (no migration, whatever the limit: nothing is left to send).
+                        cached = progress.cached_tokens or 0
+                        usage = Usage(progress.prompt_tokens, len(progress.sent), cached)
+                        yield WorkerDelta((), finished, usage, decision, attempts, "")
+                        return
                     error = self._migrate(request, progress, decision, code, details)
                     if error is not None:
                         raise error from None
                     avoid.add(decode_id)
                     if tokens == 0 and decision.prefill_worker_id:
                         avoid.add(decision.prefill_worker_id)  # either may have failed
-                    if len(progress.sent) < request.sampling.max_tokens:
-                        current = resume_request(request, progress.sent)
-                        continue
-                    # Every token was sent, only the finish reason was lost: finish here.
-                    cached = progress.cached_tokens or 0
-                    yield WorkerDelta(
-                        (),
-                        FinishReason.LENGTH,
-                        Usage(progress.prompt_tokens, len(progress.sent), cached),
-                        decision,
-                        attempts,
-                        "",
-                    )
-                    return
+                    current = resume_request(request, progress.sent)
+                    continue
                 if code == grpc.StatusCode.INVALID_ARGUMENT.name:
                     raise RequestError(ErrorCode.INVALID_ARGUMENT, details) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED.name:
                     log.info("%s: %s refused: %s", request.request_id, decode_id, details)
+                    hint = retry_after_ms(exc) if isinstance(exc, grpc.aio.AioRpcError) else None
+                    if hint is not None:
+                        hints.append(hint)
                     refused.add(decode_id)
                     self._on_retry(decision.pool, "refused")
                     continue
@@ -287,7 +294,14 @@ def _decode_request(request: PreparedRequest, decision: Decision) -> worker_pb2.
     prefill = None
     if decision.prefill is not None:
         prefill = PrefillTarget(decision.prefill.worker_id, decision.prefill.info.grpc_address)
-    job = DecodeJob(worker_request_id, request.token_ids, request.sampling, prefill)
+    job = DecodeJob(
+        worker_request_id,
+        request.token_ids,
+        request.sampling,
+        prefill,
+        priority=request.priority,
+        client_id=request.client_id,
+    )
     return job_to_proto(job)
 
 

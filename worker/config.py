@@ -26,6 +26,8 @@ YAML layout (every key optional)::
     prefill_timeout_s: 30.0     # decode: Prefill RPC + KV landing, then the fallback
     on_prefill_failure: local   # decode: local (prefill here) | fail (UNAVAILABLE)
     layer_wise: true            # decode: ask prefill workers for layer-wise KV sends
+    max_active_requests: null   # requests started at once; null = engine.max_num_seqs
+    admission_queue_size: 256   # accepted, not started yet; past it RESOURCE_EXHAUSTED
     engine: {num_kv_blocks: 512, num_threads: 1, ...}   # EngineConfig fields
     kv_transfer: {host: 127.0.0.1, port: 0, timeout_s: 30.0, ...}  # TransferConfig fields
 """
@@ -75,6 +77,11 @@ class WorkerConfig:
     prefill_timeout_s: float = 30.0
     on_prefill_failure: PrefillFailurePolicy = PrefillFailurePolicy.LOCAL
     layer_wise: bool = True
+    # Overload control (common.admission_gate): at most ``max_active_requests`` requests
+    # past admission (None: the engine's max_num_seqs), ``admission_queue_size`` more
+    # waiting in priority / fair order; the next is refused with RESOURCE_EXHAUSTED.
+    max_active_requests: int | None = None
+    admission_queue_size: int = 256
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_transfer: TransferConfig = field(default_factory=TransferConfig)
 
@@ -95,9 +102,18 @@ class WorkerConfig:
                 raise ValueError(f"{name} out of range: {value}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_ttl_s:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_ttl_s")
+        if self.max_active_requests is not None and self.max_active_requests < 1:
+            raise ValueError(f"max_active_requests must be >= 1, got {self.max_active_requests}")
+        if self.admission_queue_size < 0:
+            raise ValueError(f"admission_queue_size must be >= 0, got {self.admission_queue_size}")
         for name in ("drain_grace_s", "prefill_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def active_limit(self) -> int:
+        """Requests past admission at once: the explicit limit, else the batch cap."""
+        return self.max_active_requests or self.engine.max_num_seqs
 
     @property
     def takes_transfers(self) -> bool:
@@ -156,8 +172,10 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--drain-grace", "drain_grace_s", float, "seconds in-flight work may run on SIGTERM"),
     ("--prefill-timeout", "prefill_timeout_s", float, "decode: Prefill RPC + KV landing bound"),
     ("--on-prefill-failure", "on_prefill_failure", str, "decode: local | fail"),
+    ("--max-active-requests", "max_active_requests", int, "requests started at once"),
+    ("--admission-queue-size", "admission_queue_size", int, "requests queued before refusal"),
     ("--model", "engine.model", str, "local HF checkpoint directory (default: SmolLM2-135M)"),
-    ("--dtype", "engine.dtype", str, "float32 | bfloat16 | float16"),
+    ("--dtype", "engine.dtype", str, "auto (bf16 if native) | float32 | bfloat16 | float16"),
     ("--device", "engine.device", str, "cpu | cuda[:N]"),
     ("--block-size", "engine.block_size", int, "tokens per KV block"),
     ("--num-kv-blocks", "engine.num_kv_blocks", int, "KV cache size in blocks"),
@@ -177,6 +195,7 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--kv-host", "kv_transfer.host", str, "KV transfer bind address"),
     ("--kv-port", "kv_transfer.port", int, "decode: KV receiver port (0 = free port)"),
     ("--kv-timeout", "kv_transfer.timeout_s", float, "default KV transfer deadline"),
+    ("--kv-max-pair-groups", "kv_transfer.max_pair_groups", int, "KV group cap, 0: none"),
 )
 
 

@@ -7,7 +7,8 @@ from collections import deque
 
 
 class LatencyWindow:
-    """Mean of the samples of the last ``window_s`` seconds (at most ``max_samples``)."""
+    """Mean (or a quantile) of the samples of the last ``window_s`` seconds (at most
+    ``max_samples``)."""
 
     def __init__(self, window_s: float = 10.0, max_samples: int = 1024) -> None:
         self._window_s = window_s
@@ -23,3 +24,12 @@ class LatencyWindow:
         if not self._samples:
             return None
         return 1000.0 * sum(s for _, s in self._samples) / len(self._samples)
+
+    def percentile_ms(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1, nearest rank) of the window's samples, in ms."""
+        self.mean_ms()  # drops the expired samples
+        if not self._samples:
+            return None
+        ordered = sorted(s for _, s in self._samples)
+        rank = min(max(int(q * len(ordered) + 0.5) - 1, 0), len(ordered) - 1)
+        return 1000.0 * ordered[rank]

@@ -181,6 +181,7 @@ class WorkerRuntime:
             itl_ms_recent=s.itl_ms_recent,
             queued_prefill_tokens=s.queued_prefill_tokens,
             draining=self.draining,
+            kv_peers=s.kv_peers,
         )
 
     async def _tick(self, app: WorkerApp, registry: Registry | None) -> None:

@@ -27,3 +27,4 @@ class WorkerSnapshot:
     # work started (p90 over the recent window; None = no samples), and the queue's bound.
     queue_time_ms_recent: float | None = None
     admission_limit: int = 0  # 0 = unbounded
+    kv_peers: tuple[str, ...] = ()  # KV receivers this worker holds a pair group with

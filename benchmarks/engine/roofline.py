@@ -1,4 +1,4 @@
-"""The batch-1 roofline: weight bytes / memory bandwidth bounds each decode step.
+"""The batch-1 roofline, per dtype: weight bytes / memory bandwidth bounds each decode step.
 
 Bandwidth is the better of a tensor copy (read + write bytes) and a read (a sum), best of
 5 each; decode only reads weights, so the faster figure keeps the bound a bound.
@@ -7,9 +7,11 @@ Bandwidth is the better of a tensor copy (read + write bytes) and a read (a sum)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from benchmarks._common import timed
 from benchmarks.engine.runner import Measurement
+from benchmarks.engine.spec import BYTES_PER_PARAM
 from benchmarks.engine.systems import load_hf_model
 
 
@@ -29,29 +31,41 @@ def measure_bandwidth(mib: int, repeats: int = 5) -> dict[str, float]:
     }
 
 
-def weight_bytes(path: Path) -> dict[str, int]:
+def weight_bytes(path: Path) -> dict[str, Any]:
+    """Parameter count (tied embeddings once) and the weights' bytes in each dtype."""
     model = load_hf_model(path)
     params = list(model.parameters())  # deduplicated: tied embeddings appear once
-    info = {
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-        "num_params": sum(p.numel() for p in params),
-    }
+    num_params = sum(p.numel() for p in params)
     del model
-    return info
+    return {
+        "num_params": num_params,
+        "weight_bytes": {dtype: num_params * size for dtype, size in BYTES_PER_PARAM.items()},
+    }
 
 
-def roofline(model_info: dict[str, int], bw: dict[str, float], results: list[Measurement]) -> dict:
-    """Batch-1 decode streams every weight once per token: time >= weight bytes / bandwidth.
+def roofline(
+    model_info: dict[str, Any], bw: dict[str, float], results: list[Measurement]
+) -> dict[str, dict[str, Any]]:
+    """Per dtype: batch-1 decode streams every weight once per token, so time per token
+    >= weight bytes in that dtype / bandwidth; and each system's TPOT as a share of it.
 
     The best measured bandwidth is used (decode only reads weights; a copy also writes), so
     the bound stays a bound: no system can legitimately reach more than 100 % of it.
     """
     bandwidth = max(bw["copy_bytes_per_s"], bw["read_bytes_per_s"])
-    bound_s = model_info["weight_bytes"] / bandwidth
-    fractions = {m.system: bound_s / m.tpot for m in results if m.workload == "batch1" and m.tpot}
-    return {
-        "bandwidth_bytes_per_s": bandwidth,
-        "decode_s_per_token_bound": bound_s,
-        "max_tok_s": 1 / bound_s,
-        "fraction_of_roofline": fractions,
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for dtype in sorted({m.dtype for m in results}):
+        bound_s = model_info["weight_bytes"][dtype] / bandwidth
+        fractions = {
+            m.system: bound_s / m.tpot
+            for m in results
+            if m.workload == "batch1" and m.dtype == dtype and m.tpot
+        }
+        out[dtype] = {
+            "bandwidth_bytes_per_s": bandwidth,
+            "weight_bytes": model_info["weight_bytes"][dtype],
+            "decode_s_per_token_bound": bound_s,
+            "max_tok_s": 1 / bound_s,
+            "fraction_of_roofline": fractions,
+        }
+    return out

@@ -1,24 +1,33 @@
-"""Measuring one system: set it up, warm it up, time every round of every workload, and
-check each output's length; :func:`agreement` compares outputs with the ``hf`` reference.
+"""The parent side of one system's run: start its process, read back what it measured.
+
+:func:`run_child` writes the spec, runs ``python -m benchmarks.engine.child`` with the
+system's Python (this venv's, or the peer's for vLLM) and returns its JSON;
+:func:`measurements` turns that into :class:`Measurement` rows; :func:`agreement` compares
+two systems' greedy tokens.
 """
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Sequence
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from benchmarks._common import median, timed
-from benchmarks.engine.systems import RunOutput, System
-from benchmarks.engine.workloads import Request, Workload
+from benchmarks._common import median
+from benchmarks.engine.spec import ChildSpec
 
-SKIPPED = {("hf_static", "batch1")}  # a static batch of one is exactly hf
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(slots=True)
 class Measurement:
     system: str
+    dtype: str
     workload: str
     num_requests: int
     useful_tokens: int  # output tokens the requests asked for, per repeat
@@ -27,7 +36,9 @@ class Measurement:
     wall_s: list[float] = field(default_factory=list)  # one per repeat
     ttft_s: list[float] = field(default_factory=list)  # batch1: 1-token runs
     cached_tokens: int = 0
-    exact_match_vs_ref: float | None = None  # fraction of requests equal to the hf output
+    peak_rss_bytes: int = 0  # of the system's whole process (the run's peak, not this row's)
+    reference: str | None = None  # the system the tokens are compared with
+    exact_match_vs_ref: float | None = None  # fraction of requests equal to the reference
     prefix_match_vs_ref: float | None = None  # mean matching-prefix share of each output
 
     @property
@@ -44,8 +55,14 @@ class Measurement:
 
     @property
     def tpot(self) -> float | None:
-        """Median over rounds of (wall - TTFT) / (tokens - 1); None if noise made it <= 0."""
-        if not self.ttft_s or self.useful_tokens < 2:
+        """Median over rounds of (wall - TTFT) / (tokens - 1); None if noise made it <= 0.
+
+        Batch 1 only (it has TTFT probes). Elsewhere: wall / tokens per request, i.e. the
+        mean time between a request's tokens while the whole batch decodes."""
+        if not self.ttft_s:
+            per_request = self.useful_tokens / max(self.num_requests, 1)
+            return self.wall / per_request if per_request else None
+        if self.useful_tokens < 2:
             return None
         pairs = zip(self.wall_s, self.ttft_s, strict=True)
         per_round = [(wall - ttft) / (self.useful_tokens - 1) for wall, ttft in pairs]
@@ -62,48 +79,53 @@ class Measurement:
         }
 
 
-def run_workload(system: System, workload: Workload) -> tuple[Measurement, list[list[int]]]:
-    """Time every round of ``workload`` on ``system`` (plus its 1-token TTFT runs)."""
-    first = workload.rounds[0]
-    m = Measurement(
-        system=system.name,
-        workload=workload.name,
-        num_requests=len(first),
-        useful_tokens=sum(r.max_new_tokens for r in first),
-        computed_tokens=0,
-        prompt_tokens=sum(len(r.prompt) for r in first),
-    )
-    tokens: list[list[int]] = []
-    for i, requests in enumerate(workload.rounds):
-        if i < len(workload.ttft_prompts):
-            probe = [Request(workload.ttft_prompts[i], 1)]
-            m.ttft_s.append(timed_run(system, probe)[1])
-        out, wall = timed_run(system, requests)
-        m.wall_s.append(wall)
-        m.computed_tokens = out.computed_tokens
-        m.cached_tokens += out.cached_tokens
-        tokens += out.tokens
-    return m, tokens
+def run_child(
+    spec: ChildSpec, python: Path, env: Mapping[str, str], timeout_s: float
+) -> dict[str, Any]:
+    """Run ``spec`` in a fresh process of ``python``; its JSON, or ``{"error": ...}``."""
+    with tempfile.TemporaryDirectory(prefix="pdserve-bench-engine-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write(spec_path)
+        child_env = {
+            **os.environ,
+            **env,
+            "PYTHONPATH": str(REPO_ROOT),
+            "OMP_NUM_THREADS": str(spec.threads),
+        }
+        cmd = [str(python), "-m", "benchmarks.engine.child", str(spec_path), str(out_path)]
+        try:
+            proc = subprocess.run(cmd, env=child_env, cwd=REPO_ROOT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        if not out_path.exists():
+            return {"error": f"exited {proc.returncode} without results"}
+        return json.loads(out_path.read_text())
 
 
-def timed_run(system: System, requests: Sequence[Request]) -> tuple[RunOutput, float]:
-    out, wall = timed(lambda: system.generate(requests))
-    check_lengths(system.name, requests, out)
-    return out, wall
-
-
-def _secs(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:.2f}" for v in values) + " s"
-
-
-def check_lengths(name: str, requests: Sequence[Request], out: RunOutput) -> None:
-    if len(out.tokens) != len(requests):
-        raise RuntimeError(f"{name}: {len(out.tokens)} outputs for {len(requests)} requests")
-    for i, (toks, r) in enumerate(zip(out.tokens, requests, strict=True)):
-        if len(toks) != r.max_new_tokens:
-            raise RuntimeError(
-                f"{name}: request {i} got {len(toks)} tokens, asked for {r.max_new_tokens}"
+def measurements(spec: ChildSpec, payload: dict[str, Any]) -> tuple[list[Measurement], dict]:
+    """(one Measurement per workload, tokens by workload name) from a child's JSON."""
+    by_name = {w.name: w for w in spec.workloads}
+    rss = payload["peak_rss_bytes"]["self"]
+    rows, tokens = [], {}
+    for result in payload["results"]:
+        first = by_name[result["workload"]].rounds[0]
+        rows.append(
+            Measurement(
+                system=spec.system,
+                dtype=spec.dtype,
+                workload=result["workload"],
+                num_requests=len(first),
+                useful_tokens=sum(r.max_new_tokens for r in first),
+                computed_tokens=result["computed_tokens"],
+                prompt_tokens=sum(len(r.prompt) for r in first),
+                wall_s=result["wall_s"],
+                ttft_s=result["ttft_s"],
+                cached_tokens=result["cached_tokens"],
+                peak_rss_bytes=rss,
             )
+        )
+        tokens[result["workload"]] = result["tokens"]
+    return rows, tokens
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> tuple[float, float]:
@@ -118,29 +140,5 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> tuple[flo
     return exact / len(reference), prefix / len(reference)
 
 
-def benchmark_system(
-    name: str,
-    make: Callable[[], System],
-    workloads: Sequence[Workload],
-    warmup: list[list[Request]],
-) -> tuple[dict[str, Any], list[Measurement], dict[str, list[list[int]]]]:
-    system, setup_s = timed(make)
-    try:
-        warm_s = [timed_run(system, requests)[1] for requests in warmup]
-        print(f"[{name}] set up in {setup_s:.1f} s, warm-up rounds {_secs(warm_s)}", flush=True)
-        info = {"setup_s": setup_s, "warmup_s": warm_s, **system.describe()}
-        results, outputs = [], {}
-        for workload in workloads:
-            if (name, workload.name) in SKIPPED:
-                continue
-            m, tokens = run_workload(system, workload)
-            results.append(m)
-            outputs[workload.name] = tokens
-            print(
-                f"[{name}] {workload.name}: {m.tok_s:.1f} tok/s, walls {_secs(m.wall_s)}",
-                flush=True,
-            )
-    finally:
-        system.close()
-        gc.collect()
-    return info, results, outputs
+def this_python() -> Path:
+    return Path(sys.executable)

@@ -1,12 +1,13 @@
 """The systems the engine benchmark compares, behind one protocol: ``generate(requests)``
 returns every request's tokens (exactly as many as it asked for) and how many were
-decoded. ``hf`` and ``hf_static`` are ``model.generate``, one at a time or in static
-batches; ``hf_cb`` is transformers' continuous batching; ``ours`` is ``engine.LLM``.
+decoded. ``ours`` is ``engine.LLM``; ``vllm`` is vLLM's offline ``LLM`` (peer venv,
+``benchmarks.engine.peer_vllm``); ``hf`` and ``hf_static`` are ``model.generate``, one at a
+time or in static batches; ``hf_cb`` is transformers' continuous batching. Each is built
+in its own process (``benchmarks.engine.child``) with an explicit dtype.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.engine.spec import ChildSpec
 from benchmarks.engine.workloads import Plan, Request
 
 
@@ -34,12 +36,12 @@ class System(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def load_hf_model(path: Path) -> Any:
-    """A fresh fp32 HF model whose generate() stops only at max_new_tokens."""
+def load_hf_model(path: Path, dtype: str = "float32") -> Any:
+    """A fresh HF model in ``dtype`` whose generate() stops only at max_new_tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     # ignore_eos: EOS may be generated but must not end a sequence (min_new_tokens would
     # instead forbid EOS and change the greedy tokens).
     model.generation_config.eos_token_id = None
@@ -56,8 +58,8 @@ def pad_id_of(model: Any) -> int:
 class HFSequential:
     name = "hf"
 
-    def __init__(self, path: Path) -> None:
-        self.model = load_hf_model(path)
+    def __init__(self, path: Path, dtype: str) -> None:
+        self.model = load_hf_model(path, dtype)
         self.pad_id = pad_id_of(self.model)
 
     def generate(self, requests: Sequence[Request]) -> RunOutput:
@@ -87,8 +89,8 @@ class HFSequential:
 class HFStatic(HFSequential):
     name = "hf_static"
 
-    def __init__(self, path: Path, batch_size: int) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, dtype: str, batch_size: int) -> None:
+        super().__init__(path, dtype)
         self.batch_size = batch_size
 
     def generate(self, requests: Sequence[Request]) -> RunOutput:
@@ -131,12 +133,14 @@ class HFContinuous:
 
     name = "hf_cb"
 
-    def __init__(self, path: Path, api: str, plan: Plan, num_blocks: int | None) -> None:
+    def __init__(
+        self, path: Path, dtype: str, api: str, plan: Plan, num_blocks: int | None
+    ) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         from transformers.generation.continuous_batching.utils import WorkloadHints
 
-        self.model = load_hf_model(path)
+        self.model = load_hf_model(path, dtype)
         self.api = api
         self.gen_config = GenerationConfig(
             do_sample=False, eos_token_id=-1, pad_token_id=pad_id_of(self.model)
@@ -144,14 +148,14 @@ class HFContinuous:
         # What generate_batch would derive from the mixed workload; sizes the batch limits.
         self.hints = WorkloadHints(
             max_prompt_length=max(plan.mixed_prompt[1], plan.batch1_prompt),
-            max_generated_length=max(plan.mixed_new[1], plan.batch1_new),
-            num_requests=plan.mixed_requests,
+            max_generated_length=max(plan.mixed_new[1], plan.batch1_new, plan.decode_new),
+            num_requests=max(plan.mixed_requests, plan.decode_requests),
         )
         self.cb_config = ContinuousBatchingConfig()
         if num_blocks is None:  # enough pages for every request at once; RAM*0.6 is wasteful
             tokens = self.hints.max_prompt_length + self.hints.max_generated_length
             per_request = math.ceil(tokens / self.cb_config.page_size) + 1
-            num_blocks = plan.mixed_requests * per_request
+            num_blocks = self.hints.num_requests * per_request
         self.cb_config.num_blocks = num_blocks or None  # 0: transformers' own sizing
         self.stack = contextlib.ExitStack()
         self.manager: Any = None
@@ -269,12 +273,26 @@ class Ours:
         return {"api": "LLM.generate", "engine_kwargs": self.kwargs}
 
 
-def make_system(name: str, args: argparse.Namespace, plan: Plan, path: Path) -> System:
-    if name == "hf":
-        return HFSequential(path)
-    if name == "hf_static":
-        return HFStatic(path, plan.static_batch_size)
-    if name == "hf_cb":
-        return HFContinuous(path, args.cb_api, plan, args.cb_num_blocks)
-    kwargs = {"num_threads": args.threads, "max_num_seqs": max(64, plan.mixed_requests)}
-    return Ours(path, {**kwargs, **args.engine_arg})
+def make_system(spec: ChildSpec) -> System:
+    """The system ``spec`` names, loaded from ``spec.model`` in ``spec.dtype``."""
+    path = Path(spec.model)
+    if spec.system == "hf":
+        return HFSequential(path, spec.dtype)
+    if spec.system == "hf_static":
+        return HFStatic(path, spec.dtype, spec.plan.static_batch_size)
+    if spec.system == "hf_cb":
+        return HFContinuous(path, spec.dtype, spec.cb_api, spec.plan, spec.cb_num_blocks)
+    max_seqs = max(64, spec.plan.mixed_requests, spec.plan.decode_requests)
+    if spec.system == "vllm":
+        from benchmarks.engine.peer_vllm import VLLMOffline
+
+        return VLLMOffline(path, spec.dtype, max_seqs, spec.kv_cache_gib)
+    if spec.system == "ours":
+        kwargs = {
+            "dtype": spec.dtype,
+            "num_threads": spec.threads,
+            "max_num_seqs": max_seqs,
+            "kv_cache_gib": float(spec.kv_cache_gib),
+        }
+        return Ours(path, {**kwargs, **spec.engine_args})
+    raise ValueError(f"unknown system {spec.system!r}")

@@ -2,7 +2,12 @@
 
 ``batch1`` is one request at a time (a 128-token prompt, 64 new tokens, repeated; each
 repeat also times a 1-token run on another prompt for TTFT); ``mixed`` is 32 requests
-submitted together with prompt and output lengths drawn from :class:`Plan`'s ranges.
+submitted together with prompt and output lengths drawn from :class:`Plan`'s ranges;
+``decode`` is 64 requests of a 64-token prompt and 128 new tokens (decode-heavy).
+
+Workloads cross a process boundary (each system runs in its own process, see
+``benchmarks.engine.child``): :meth:`Workload.to_json` / :meth:`Workload.from_json`.
+Stdlib only at import time: the peer's venv imports this module too.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,23 @@ class Workload:
     rounds: tuple[tuple[Request, ...], ...]
     ttft_prompts: tuple[tuple[int, ...], ...] = ()  # per round: a 1-token run before it
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rounds": [[[list(r.prompt), r.max_new_tokens] for r in rnd] for rnd in self.rounds],
+            "ttft_prompts": [list(p) for p in self.ttft_prompts],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Workload:
+        return cls(
+            name=data["name"],
+            rounds=tuple(
+                tuple(Request(tuple(p), int(n)) for p, n in rnd) for rnd in data["rounds"]
+            ),
+            ttft_prompts=tuple(tuple(p) for p in data["ttft_prompts"]),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -37,6 +60,9 @@ class Plan:
     mixed_requests: int = 32
     mixed_prompt: tuple[int, int] = (32, 512)
     mixed_new: tuple[int, int] = (16, 128)
+    decode_requests: int = 64
+    decode_prompt: int = 64
+    decode_new: int = 128
     static_batch_size: int = 8
     bandwidth_mib: int = 512
 
@@ -48,6 +74,9 @@ class Plan:
             mixed_requests=8,
             mixed_prompt=(32, 128),
             mixed_new=(8, 32),
+            decode_requests=8,
+            decode_prompt=32,
+            decode_new=32,
             static_batch_size=4,
             bandwidth_mib=256,
         )
@@ -88,7 +117,16 @@ def build_workloads(plan: Plan, sampler: TokenSampler) -> list[Workload]:
             ),
         ),
     )
-    return [batch1, mixed]
+    decode = Workload(
+        name="decode",
+        rounds=(
+            tuple(
+                Request(sampler.prompt(plan.decode_prompt), plan.decode_new)
+                for _ in range(plan.decode_requests)
+            ),
+        ),
+    )
+    return [batch1, mixed, decode]
 
 
 def warmup_rounds(plan: Plan, sampler: TokenSampler) -> list[list[Request]]:
@@ -96,6 +134,7 @@ def warmup_rounds(plan: Plan, sampler: TokenSampler) -> list[list[Request]]:
     return [
         [Request(sampler.prompt(plan.batch1_prompt), 4)],
         [Request(sampler.prompt(n), 4) for n in (plan.mixed_prompt[1], plan.mixed_prompt[0])],
+        [Request(sampler.prompt(plan.decode_prompt), 4) for _ in range(8)],
     ]
 
 

@@ -73,7 +73,7 @@ def test_short_and_cached_prompts_prefill_locally(
 ) -> None:
     namespace, prefill_id, decode_id = workers
     caplog.set_level(logging.DEBUG, logger="router.generation")
-    llm = LLM(num_kv_blocks=256, num_threads=1)
+    llm = LLM(dtype="float32", num_kv_blocks=256, num_threads=1)  # = SMALL_ENGINE's dtype
     expected = {p: reference(llm, p) for p in (SHORT, LONG)}
 
     async def main() -> None:

@@ -1,4 +1,8 @@
-"""The engine on the real SmolLM2 model: same tokens as HF, batching-invariant, cached."""
+"""The engine on the real SmolLM2 model: same tokens as HF, batching-invariant, cached.
+
+Every engine here is pinned to fp32 (HF parity is exact only there); bf16, the default
+where the CPU has it, is checked against these fp32 engines in test_engine_bf16.py.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import pytest
 from engine import LLM, SamplingParams
 from tests.integration.engine_helpers import hf_greedy, hf_model
 
+FP32 = "float32"
 GREEDY_32 = SamplingParams(max_tokens=32, temperature=0.0)
 
 PROMPTS = [
@@ -22,7 +27,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(num_kv_blocks=768, max_num_batched_tokens=512)
+    return LLM(dtype=FP32, num_kv_blocks=768, max_num_batched_tokens=512)
 
 
 def long_prompt(llm: LLM) -> list[int]:
@@ -54,7 +59,9 @@ def test_page_first_cache_matches_hf_generate(llm: LLM) -> None:
     (strided layer views, slots of ``row_stride``) computes what HF does too: chunked
     prefill (128-token steps), batched decode, and a cached prefix."""
     assert llm.engine.layout.order == "layer_first"
-    other = LLM(num_kv_blocks=256, max_num_batched_tokens=128, kv_cache_order="page_first")
+    other = LLM(
+        dtype=FP32, num_kv_blocks=256, max_num_batched_tokens=128, kv_cache_order="page_first"
+    )
     prefix = long_prompt(llm)[:200]
     first = [llm.engine.encode(p) for p in PROMPTS[:3]] + [prefix + llm.engine.encode(" Why?")]
     second = prefix + llm.engine.encode(" Which box is blue?")
@@ -84,7 +91,9 @@ def test_shared_prefix_is_served_from_cache(llm: LLM) -> None:
     cached = llm.generate([prompt], GREEDY_32)[0]
     assert cached.cached_tokens >= 192
     assert first.cached_tokens < 192 or first.prompt_tokens > 0
-    fresh = LLM(num_kv_blocks=128, enable_prefix_caching=False).generate([prompt], GREEDY_32)[0]
+    fresh = LLM(dtype=FP32, num_kv_blocks=128, enable_prefix_caching=False).generate(
+        [prompt], GREEDY_32
+    )[0]
     assert fresh.cached_tokens == 0
     assert cached.token_ids == fresh.token_ids
 
@@ -95,7 +104,9 @@ def test_chunked_prefill_and_preemption_keep_tokens(llm: LLM) -> None:
     expected = [o.token_ids for o in llm.generate(prompts, params)]
     # 48 blocks cannot hold six ~200-token sequences at once: the scheduler must preempt,
     # and a 64-token budget forces every prompt through chunked prefill.
-    tight = LLM(num_kv_blocks=48, max_num_batched_tokens=64, enable_prefix_caching=False)
+    tight = LLM(
+        dtype=FP32, num_kv_blocks=48, max_num_batched_tokens=64, enable_prefix_caching=False
+    )
     assert [o.token_ids for o in tight.generate(prompts, params)] == expected
     assert tight.engine.block_manager.num_used_blocks == 0
 

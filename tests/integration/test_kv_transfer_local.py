@@ -457,3 +457,81 @@ def test_sender_abort_with_pieces_in_flight_never_ships_reused_blocks(order: str
     finally:
         sender.close()
         receiver.close()
+
+
+def _wait_until(predicate, timeout_s: float = SETTLE) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_sender_budget_evicts_the_lru_idle_group() -> None:
+    """A sender capped at one group alternates between two receivers: each new pair evicts
+    the idle one (LRU), every transfer lands, and the metrics count it all."""
+    capped = dataclasses.replace(CONFIG, max_pair_groups=1)
+    receivers = [TorchDistReceiver(KVCache(LAYOUT), "m", CONFIG) for _ in range(2)]
+    cache = KVCache(LAYOUT)
+    cache.tensor.normal_()
+    sender = TorchDistSender(cache, "m", capped)
+    ledger = Ledger()
+    try:
+        for i in range(4):
+            r = receivers[i % 2]
+            st, rt = _pair(sender, r, ledger, f"b{i}", [i], [10 + i])
+            assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
+            assert _landed(sender, r, st, rt)
+            assert len(sender.budget) <= 1 and sender.peers() == (str(r.address),)
+        snap = sender.budget.stats.snapshot()
+        assert snap.setups == 4 and snap.teardowns.get("evicted") == 3 and snap.open == 1
+        assert _wait_until(lambda: receivers[0].num_pairs() == 0)  # its sender dropped it
+        assert ledger.held == 0
+    finally:
+        sender.close()
+        for r in receivers:
+            r.close()
+
+
+def test_receiver_budget_evicts_an_idle_pair_for_a_new_sender() -> None:
+    """A receiver capped at one group: a second sender's join evicts the first sender's
+    idle pair (flagged in the store, dropped by both sides); both keep working."""
+    capped = TorchDistReceiver(KVCache(LAYOUT), "m", dataclasses.replace(CONFIG, max_pair_groups=1))
+    senders = []
+    for seed in range(2):
+        cache = KVCache(LAYOUT)
+        cache.tensor.normal_(generator=torch.Generator().manual_seed(seed))
+        senders.append(TorchDistSender(cache, "m", CONFIG))
+    ledger = Ledger()
+    try:
+        for i in range(3):
+            s = senders[i % 2]
+            st, rt = _pair(s, capped, ledger, f"r{i}", [i], [20 + i])
+            assert st.wait(SETTLE) is TransferState.DONE and rt.wait(SETTLE) is TransferState.DONE
+            assert _landed(s, capped, st, rt)
+            assert _wait_until(lambda: capped.num_pairs() == 1)
+        snap = capped.budget.stats.snapshot()
+        assert snap.teardowns.get("evicted", 0) >= 2 and snap.open == 1
+        assert capped.peers() == (senders[0].name,)
+        assert ledger.held == 0
+    finally:
+        for s in senders:
+            s.close()
+        capped.close()
+
+
+def test_idle_group_ttl_tears_down_both_sides() -> None:
+    ttl = dataclasses.replace(CONFIG, idle_timeout_s=0.3)
+    receiver = TorchDistReceiver(KVCache(LAYOUT), "m", ttl)
+    cache = KVCache(LAYOUT)
+    cache.tensor.normal_()
+    sender = TorchDistSender(cache, "m", ttl)
+    ledger = Ledger()
+    try:
+        st, _ = _pair(sender, receiver, ledger, "ttl", [0], [1])
+        assert st.wait(SETTLE) is TransferState.DONE
+        assert _wait_until(lambda: len(sender.budget) == 0 and receiver.num_pairs() == 0)
+        assert sender.budget.stats.snapshot().open == 0
+        assert receiver.budget.stats.snapshot().teardowns.keys() <= {"idle", "error"}
+    finally:
+        sender.close()
+        receiver.close()

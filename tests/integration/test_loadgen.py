@@ -3,6 +3,7 @@ processes on 127.0.0.1, the real model) and `transformers serve` over OpenAI HTT
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from loadgen.driver import LoadSpec
 from loadgen.experiment import RunSpec, run_experiment
-from loadgen.stack import OurStack, TransformersServe, disaggregated
+from loadgen.stack import OurStack, TransformersServe, colocated, disaggregated
 from loadgen.workload import WorkloadSpec
 from router.tokenizer import ModelTokenizer
 
@@ -119,3 +120,29 @@ def test_openai_client_against_transformers_serve(
     assert summary["ttft_ms"]["n"] == 2 and summary["itl_ms"]["n"] >= 1
     assert summary["hit_ratio"] is None  # it does not report cached tokens
     assert all(r["prompt_tokens"] > 32 for r in result["records"])  # template + 32 tokens
+
+
+def test_router_refusals_are_recorded_apart_from_failures(
+    tmp_path: Path, tokenizer: ModelTokenizer
+) -> None:
+    """A burst past the router pool's admission bound (1 in flight, none queued) through
+    the real gRPC and HTTP targets: the loadgen records RESOURCE_EXHAUSTED / 429 as
+    refused, with the retry hint and a latency, never as failed; the rest complete."""
+    spec = dataclasses.replace(
+        colocated(1, num_kv_blocks=256), pool_options={"max_in_flight": 1, "max_queued": 0}
+    )
+    workload = WorkloadSpec(kind="fixed", num_requests=6, input_tokens=32, output_tokens=8)
+    load = LoadSpec(mode="closed", concurrency=6, max_duration_s=60, progress=False)
+    with OurStack(spec, tmp_path) as stack:
+        summaries = [
+            run_experiment(url, RunSpec(api, workload, load), tokenizer)["summary"]
+            for api, url in (("grpc", stack.url), ("http", stack.http_url))
+        ]
+        for summary in summaries:
+            assert summary["failed"] == 0, summary["errors"]
+            assert summary["refused"] >= 1 and summary["completed"] >= 1
+            assert summary["refused"] + summary["completed"] == 6
+            assert summary["refusal_ms"]["n"] == summary["refused"]
+            assert summary["retry_after_ms"]["n"] == summary["refused"]  # each had a hint
+        used = {name: s["used_blocks"] for name, s in stack.worker_status().items()}
+    assert used == {"colocated-0": 0}

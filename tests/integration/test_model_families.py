@@ -81,7 +81,7 @@ def checkpoint(
 
 def test_prefill_logits_match(checkpoint: tuple[Path, torch.nn.Module]) -> None:
     path, hf = checkpoint
-    engine = LLM(model=str(path), num_kv_blocks=64).engine
+    engine = LLM(model=str(path), dtype="float32", num_kv_blocks=64).engine
     prompt = list(range(1000, 1100))
     engine.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0.0))
     batch = engine.runner.prepare(engine.scheduler.schedule().scheduled)
@@ -94,7 +94,7 @@ def test_prefill_logits_match(checkpoint: tuple[Path, torch.nn.Module]) -> None:
 
 def test_greedy_tokens_match(checkpoint: tuple[Path, torch.nn.Module]) -> None:
     path, hf = checkpoint
-    llm = LLM(model=str(path), num_kv_blocks=64, max_num_batched_tokens=64)
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, max_num_batched_tokens=64)
     prompts = [list(range(2000, 2000 + n)) for n in (5, 40, 150)]
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, output in zip(prompts, outputs, strict=True):

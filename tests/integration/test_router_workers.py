@@ -150,7 +150,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(num_kv_blocks=256, num_threads=1)
+    return LLM(dtype="float32", num_kv_blocks=256, num_threads=1)  # = SMALL_ENGINE's dtype
 
 
 def _live(stack: Stack) -> dict[str, int]:

@@ -58,10 +58,13 @@ class Engines:
 
 @pytest.fixture(scope="module")
 def engines() -> Engines:
-    reference = LLM(num_kv_blocks=64, num_threads=1)
+    # fp32: the expected tokens come from a batched run, the workers' from solo and
+    # recomputed prefills; only fp32 is batch-invariant (bf16 is checked elsewhere).
+    reference = LLM(dtype="float32", num_kv_blocks=64, num_threads=1)
     expected = [o.token_ids for o in reference.generate(PROMPTS, GREEDY)]
     # The reference engine, now idle, serves as the decode side.
-    return Engines(reference.engine, LLM(num_kv_blocks=64, num_threads=1).engine, expected)
+    prefill = LLM(dtype="float32", num_kv_blocks=64, num_threads=1)
+    return Engines(reference.engine, prefill.engine, expected)
 
 
 @dataclass

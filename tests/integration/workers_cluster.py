@@ -64,7 +64,7 @@ class Cluster:
 def reference_llm() -> object:
     from engine import LLM
 
-    return LLM(num_kv_blocks=256, num_threads=1)
+    return LLM(dtype="float32", num_kv_blocks=256, num_threads=1)  # = SMALL_ENGINE's dtype
 
 
 @functools.cache

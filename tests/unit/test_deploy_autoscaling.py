@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
+from common.worker_info import WorkerRole
 from deploy.autoscaling import decode_policy, prefill_policy
+from deploy.latency import RecentQuantile
 from deploy.local_ray import pin_to_loopback
 from deploy.scaling import (
     ITL_P90_MS,
     KV_BLOCK_USE,
+    QUEUE_TIME_P90_MS,
     QUEUED_PREFILL_TOKENS,
     TTFT_P90_MS,
     DecodeTargets,
@@ -20,6 +25,9 @@ from deploy.scaling import (
     decide,
     parse_targets,
 )
+from deploy.worker_host import WorkerHost
+from worker.config import WorkerConfig
+from worker.snapshot import WorkerSnapshot
 
 
 def fake_ctx(
@@ -44,8 +52,8 @@ def fake_ctx(
     )
 
 
-PREFILL = {"ttft_p90_ms": 1000.0, "queued_tokens_per_replica": 1000.0}
-DECODE = {"itl_p90_ms": 100.0, "kv_block_use": 0.5}
+PREFILL = {"ttft_p90_ms": 1000.0, "queued_tokens_per_replica": 1000.0, "queue_time_p90_ms": 500.0}
+DECODE = {"itl_p90_ms": 100.0, "kv_block_use": 0.5, "queue_time_p90_ms": 500.0}
 
 
 # ---- the arithmetic ------------------------------------------------------------------------
@@ -134,6 +142,35 @@ def test_bad_kwargs_fail_loudly() -> None:
         prefill_policy(fake_ctx({TTFT_P90_MS: [1.0]}, kwargs={"unknown": 1}))
 
 
+def test_prefill_scales_up_on_queue_time_while_ttft_of_completed_requests_looks_fine() -> None:
+    # The blind spot: the few requests that got through were fast, the rest sit queued.
+    ctx = fake_ctx(
+        {TTFT_P90_MS: [400.0], QUEUED_PREFILL_TOKENS: [100.0], QUEUE_TIME_P90_MS: [1600.0]},
+        kwargs=PREFILL,
+    )
+    replicas, state = prefill_policy(ctx)
+    assert replicas == 4  # ceil(1 * 1600 / 500)
+    assert state["pdserve"]["reason"].startswith(QUEUE_TIME_P90_MS)
+
+
+def test_queue_time_of_idle_replicas_does_not_vote() -> None:
+    # Replicas without queued requests report no queue time; the one that does counts.
+    ctx = fake_ctx(
+        {QUEUED_PREFILL_TOKENS: [0.0, 0.0], QUEUE_TIME_P90_MS: [750.0]}, current=2, kwargs=PREFILL
+    )
+    assert prefill_policy(ctx)[0] == 3  # ceil(2 * 750 / 500)
+    quiet = fake_ctx({QUEUED_PREFILL_TOKENS: [0.0, 0.0]}, current=2, kwargs=PREFILL)
+    assert prefill_policy(quiet)[0] == 1  # no queue time at all: the gauges let it shrink
+
+
+def test_queue_time_target_has_a_default() -> None:
+    assert PrefillTargets().queue_time_p90_ms > 0 and DecodeTargets().queue_time_p90_ms > 0
+    ctx = fake_ctx({QUEUE_TIME_P90_MS: [PrefillTargets().queue_time_p90_ms * 2]})
+    assert prefill_policy(ctx)[0] == 2
+    with pytest.raises(ValueError, match="queue_time_p90_ms"):
+        parse_targets(PrefillTargets, {"queue_time_p90_ms": 0})
+
+
 # ---- decode --------------------------------------------------------------------------------
 
 
@@ -147,6 +184,15 @@ def test_decode_scales_up_on_kv_use() -> None:
     replicas, state = decode_policy(ctx)
     assert replicas == 2
     assert state["pdserve"]["reason"].startswith(KV_BLOCK_USE)
+
+
+def test_decode_scales_up_on_queue_time_while_itl_looks_fine() -> None:
+    ctx = fake_ctx(
+        {ITL_P90_MS: [40.0], KV_BLOCK_USE: [0.3], QUEUE_TIME_P90_MS: [1200.0]}, kwargs=DECODE
+    )
+    replicas, state = decode_policy(ctx)
+    assert replicas == 3  # ceil(1200 / 500)
+    assert state["pdserve"]["reason"].startswith(QUEUE_TIME_P90_MS)
 
 
 def test_decode_scales_down_when_light() -> None:
@@ -210,3 +256,25 @@ def test_serve_wrapper_applies_the_upscale_delay() -> None:
     assert state["pdserve"]["replicas"] == 2  # our state survives Serve's merge
     now = _serve_ctx(metrics, PREFILL, upscale_delay_s=0.0)
     assert wrapped(now)[0] == 2
+
+
+# ---- what a worker replica reports ---------------------------------------------------------
+
+
+def _host_with(snapshot: WorkerSnapshot) -> WorkerHost:
+    """A WorkerHost as it is once serving, with a runtime that only takes snapshots."""
+    config = WorkerConfig(role=WorkerRole.PREFILL, worker_id="prefill-x", redis_url="redis://x")
+    host = WorkerHost(config)
+    host._runtime = SimpleNamespace(snapshot=lambda: snapshot)  # type: ignore[assignment]
+    host._ttft = RecentQuantile(Histogram("t_seconds", "", registry=CollectorRegistry()))
+    host.info = SimpleNamespace()  # type: ignore[assignment]
+    return host
+
+
+def test_worker_reports_queue_time_only_when_it_has_samples() -> None:
+    base = WorkerSnapshot(0, 0, 10, 0, 0, 10, 0, queued_prefill_tokens=5)
+    idle = _host_with(base).autoscaling_stats()
+    assert QUEUE_TIME_P90_MS not in idle and TTFT_P90_MS not in idle
+    assert idle[QUEUED_PREFILL_TOKENS] == 5.0
+    queued = _host_with(dataclasses.replace(base, queue_time_ms_recent=850.0))
+    assert queued.autoscaling_stats()[QUEUE_TIME_P90_MS] == 850.0

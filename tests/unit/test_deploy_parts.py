@@ -136,3 +136,22 @@ def test_replica_stats_round_trip() -> None:
     stats = ReplicaStats("d-1", "DecodeWorker", "1", "decode", "p", "h:1", 7, 0.5, None, None, 3.0)
     assert ReplicaStats.from_json(stats.to_json()) == stats
     assert time.time() - stats.updated_at < 60
+
+
+def test_status_table_shows_the_queue_time_p90() -> None:
+    stats = ReplicaStats(
+        "decode-x", "DecodeWorker", "x", "decode", "default", "127.0.0.1:1", 1, 0.5, None,
+        40.0, 60.0, queue_time_p90_ms=1234.0,
+    )  # fmt: skip
+    report = StatusReport(
+        app="pdserve",
+        app_status="RUNNING",
+        ray_address="127.0.0.1:6379",
+        redis_url="redis://127.0.0.1:1/0",
+        deployments=[],
+        workers=[WorkerRow(_info("decode-x", WorkerRole.DECODE), None, stats, "x")],
+    )
+    lines = render(report).splitlines()
+    assert "QUEUE p90" in next(line for line in lines if line.startswith("POOL"))
+    assert "1234 ms" in next(line for line in lines if "decode-x" in line)
+    assert ReplicaStats.from_json(stats.to_json()).queue_time_p90_ms == 1234.0
