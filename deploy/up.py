@@ -43,6 +43,7 @@ from common.grpc_server import wait_healthy
 from common.ready_line import format_up_http_ready, format_up_ready
 from common.redis_client import redact_url
 from common.redis_process import RedisProcess
+from deploy.app_config import WORKER_SHUTDOWN_TIMEOUT_S
 from deploy.local_ray import connect, init_local, pin_to_loopback
 from deploy.serve_config import DEFAULT_CONFIG, ServeConfig
 
@@ -159,7 +160,7 @@ class Up:
             return
         if self._app is not None:
             self._say("draining: deleting the app (replicas finish their streams)")
-            serve.delete(self._app, _blocking=True)
+            _delete_app(serve, self._app, WORKER_SHUTDOWN_TIMEOUT_S + 30.0)
             self._app = None
         if self._owns_ray:
             serve.shutdown()
@@ -338,3 +339,20 @@ def read_state() -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def _delete_app(serve: Any, app: str, timeout_s: float) -> None:
+    """Delete ``app`` and wait until Serve reports it gone.
+
+    ``serve.delete(_blocking=True)`` gives up after a fixed 60 s, while Serve itself waits
+    up to each replica's ``graceful_shutdown_timeout_s`` (a worker's drain) before killing
+    it; so the wait is repeated (deleting again is a no-op) until ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            serve.delete(app, _blocking=True)
+            return
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
