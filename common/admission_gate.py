@@ -7,6 +7,8 @@ Lifecycle of one request at a gate::
       ├─ the queue has room (or it outranks someone queued, who is displaced)
       │                                    → queued; admitted in the order of
       │                                      :class:`common.admission.AdmissionQueue`
+      ├─ its expected wait is over ``max_queue_wait_s`` (when set)
+      │                                    → :class:`Refused` RESOURCE_EXHAUSTED at once
       └─ full                              → :class:`Refused` RESOURCE_EXHAUSTED at once,
                                              with ``retry_after_ms``
     (queued) deadline passes               → :class:`Refused` DEADLINE_EXCEEDED
@@ -17,7 +19,11 @@ Refusals do no work beyond this bookkeeping: they are answered in microseconds.
 
 The retry-after hint is the queue's drain time estimate: (requests queued + 1) × the mean
 time a request held its slot (an exponential moving average; 1 s before any sample) / the
-number of slots, clamped to [50 ms, 60 s].
+number of slots, clamped to [50 ms, 60 s]. The same estimate, counting only the requests
+queued at the arrival's priority or above, is its expected wait: with ``max_queue_wait_s``
+set, an arrival expected to wait longer is refused instead of queued. A slot is held for a
+whole stream, so a queue sized in requests alone lets admitted requests' TTFT grow by
+whole generations; the wait budget keeps admitted TTFT near the unloaded one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ _EMA_WEIGHT = 0.2  # of the newest sample
 QUEUE_FULL = "queue_full"
 DISPLACED = "displaced"  # pushed out of a full queue by a higher-priority arrival
 DEADLINE = "deadline"  # the deadline passed while queued
+QUEUE_WAIT = "queue_wait"  # its expected wait in the queue is over max_queue_wait_s
 
 
 class Refused(RequestError):
@@ -72,12 +79,18 @@ class Slot:
 
 
 class AdmissionGate:
-    """``max_active`` requests at a time, ``max_queued`` more waiting; ``name`` for messages."""
+    """``max_active`` requests at a time, ``max_queued`` more waiting (each expected to wait
+    at most ``max_queue_wait_s``, when set); ``name`` for messages."""
 
-    def __init__(self, name: str, max_active: int, max_queued: int) -> None:
+    def __init__(
+        self, name: str, max_active: int, max_queued: int, max_queue_wait_s: float | None = None
+    ) -> None:
         if max_active < 1:
             raise ValueError(f"{name}: max_active must be >= 1, got {max_active}")
+        if max_queue_wait_s is not None and not max_queue_wait_s > 0:
+            raise ValueError(f"{name}: max_queue_wait_s must be > 0, got {max_queue_wait_s}")
         self.name = name
+        self.max_queue_wait_s = max_queue_wait_s
         self.max_active = max_active
         self.active = 0
         self._queue: AdmissionQueue[_Waiter] = AdmissionQueue(max_queued)
@@ -96,6 +109,12 @@ class AdmissionGate:
         ms = 1000.0 * (len(self._queue) + 1) * self._hold_s / self.max_active
         return int(min(max(math.ceil(ms), MIN_RETRY_AFTER_MS), MAX_RETRY_AFTER_MS))
 
+    def expected_wait_s(self, priority: int = 0) -> float:
+        """How long an arrival of ``priority`` would wait in the queue (the hint's estimate,
+        counting only the requests queued at its priority or above)."""
+        ahead = sum(n for p, n in self._queue.depth_by_priority().items() if p >= priority)
+        return (ahead + 1) * self._hold_s / self.max_active
+
     async def acquire(
         self, priority: int = 0, client_id: str = "", deadline: float | None = None
     ) -> Slot:
@@ -104,14 +123,18 @@ class AdmissionGate:
         if self.active < self.max_active and not self._queue:
             self.active += 1
             return Slot(self, 0.0)
+        budget = self.max_queue_wait_s
+        if budget is not None and self.expected_wait_s(priority) > budget:
+            raise self._full(f"its expected queue wait is over {budget:g} s", QUEUE_WAIT)
         queued_at = time.monotonic()
         waiter = _Waiter(asyncio.get_running_loop().create_future())
         try:
             displaced = self._queue.push(waiter, priority, client_id)
         except QueueFull:
-            raise self._full("its admission queue is full") from None
+            raise self._full("its admission queue is full", QUEUE_FULL) from None
         if displaced is not None:
-            displaced.future.set_exception(self._full("displaced by a higher-priority request"))
+            why = "displaced by a higher-priority request"
+            displaced.future.set_exception(self._full(why, DISPLACED))
         try:
             async with asyncio.timeout(_remaining(deadline)):
                 await waiter.future
@@ -126,9 +149,8 @@ class AdmissionGate:
             raise
         return Slot(self, time.monotonic() - queued_at)
 
-    def _full(self, why: str) -> Refused:
+    def _full(self, why: str, reason: str) -> Refused:
         hint = self.retry_after_ms()
-        reason = DISPLACED if why.startswith("displaced") else QUEUE_FULL
         return Refused(
             ErrorCode.RESOURCE_EXHAUSTED,
             f"{self.name} is overloaded: {why} ({self.active} active, {len(self._queue)} "

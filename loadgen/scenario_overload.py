@@ -8,7 +8,8 @@ Lifecycle, all on one stack:
 3. overload  open loop at ``overload_factor`` x that rate for ``overload_duration_s``
 
 The router's pool gets small admission bounds (``overload_max_in_flight`` /
-``overload_max_queued``), so past them it refuses at once instead of queueing without end.
+``overload_max_queued`` / ``overload_max_queue_wait_s``), so past them it refuses at once
+instead of queueing without end.
 
 Reported: admitted requests' TTFT p99 against the unloaded p99, how many were refused
 (RESOURCE_EXHAUSTED / HTTP 429, recorded apart from errors) and how fast (p50 / p99), the
@@ -34,7 +35,11 @@ REFUSAL_P99_GOAL_MS = 50.0
 
 def overload_stack(plan: Plan) -> StackSpec:
     """1P+1D with the router pool's admission bounds from the plan (unset: its defaults)."""
-    bounds = {"max_in_flight": plan.overload_max_in_flight, "max_queued": plan.overload_max_queued}
+    bounds = {
+        "max_in_flight": plan.overload_max_in_flight,
+        "max_queued": plan.overload_max_queued,
+        "max_queue_wait_s": plan.overload_max_queue_wait_s,
+    }
     options = {key: value for key, value in bounds.items() if value is not None}
     return dataclasses.replace(disaggregated(), name="disaggregated-overload", pool_options=options)
 

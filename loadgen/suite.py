@@ -112,6 +112,7 @@ class Plan:
     # the router pool's admission bounds in `overload` (router.admission); None: its defaults
     overload_max_in_flight: int | None = 4
     overload_max_queued: int | None = 4
+    overload_max_queue_wait_s: float | None = 0.25  # queue only what starts within this
     max_duration_s: float = 240.0
     drain_s: float = 120.0
 

@@ -32,7 +32,10 @@ TOO_LARGE = "too_large"  # every worker refused for good: the prompt can never f
 class RouterAdmission:
     def __init__(self, pools: Iterable[PoolConfig], metrics: RouterMetrics) -> None:
         self._gates = {
-            p.name: AdmissionGate(f"pool {p.name!r}", p.max_in_flight, p.max_queued) for p in pools
+            p.name: AdmissionGate(
+                f"pool {p.name!r}", p.max_in_flight, p.max_queued, p.max_queue_wait_s
+            )
+            for p in pools
         }
         self._metrics = metrics
 

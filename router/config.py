@@ -35,6 +35,8 @@ of the default model)::
         max_in_flight: 256      # requests streaming in the pool at once (router.admission)
         max_queued: 512         # more wait (priority, then callers round robin); past it
                                 # RESOURCE_EXHAUSTED with trailing metadata retry-after-ms
+        max_queue_wait_s: null  # refuse at once an arrival expected to wait longer than
+                                # this (queued ahead x mean stream time / slots); null = off
         conditional:            # absent / null = always prefill remotely (router.disagg_policy)
           enabled: true
           local_max_uncached_tokens: 256             # short / cached prompts prefill locally
@@ -100,6 +102,7 @@ class PoolConfig:
     conditional: DisaggThresholds | None = None  # None: always prefill on a prefill worker
     max_in_flight: int = 256  # overload control: requests past the pool's admission queue
     max_queued: int = 512  # requests waiting in it; the next is refused
+    max_queue_wait_s: float | None = None  # refuse arrivals expected to wait longer; None = off
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "pool name must be non-empty")
@@ -110,6 +113,11 @@ class PoolConfig:
         _require(
             isinstance(self.max_queued, int) and self.max_queued >= 0,
             f"pool {self.name}: max_queued must be an integer >= 0",
+        )
+        _require(
+            self.max_queue_wait_s is None
+            or (isinstance(self.max_queue_wait_s, int | float) and self.max_queue_wait_s > 0),
+            f"pool {self.name}: max_queue_wait_s must be a number > 0 or null",
         )
         if isinstance(self.conditional, Mapping):
             where = f"pools[{self.name}].conditional"

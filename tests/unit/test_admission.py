@@ -14,6 +14,7 @@ from common.admission_gate import (
     DISPLACED,
     MIN_RETRY_AFTER_MS,
     QUEUE_FULL,
+    QUEUE_WAIT,
     AdmissionGate,
     Refused,
 )
@@ -222,5 +223,30 @@ def test_router_pool_queue_is_fair_and_counts_refusals() -> None:
         assert 'router_rejections_total{pool="chat",reason="queue_full"} 1.0' in text
         assert 'router_admission_queue_seconds_count{pool="chat"} 5.0' in text
         assert 'router_admission_queue_depth{pool="chat"} 0.0' in text
+
+    asyncio.run(main())
+
+
+def test_gate_refuses_an_arrival_expected_to_wait_past_its_budget() -> None:
+    async def main() -> None:
+        gate = AdmissionGate("w", max_active=1, max_queued=8, max_queue_wait_s=1.5)
+        held = await gate.acquire()  # the 1 s prior: the first queued one expects 1 s
+        first = asyncio.create_task(gate.acquire(0))
+        await asyncio.sleep(0)
+        assert gate.queued == 1 and gate.expected_wait_s(0) == pytest.approx(2.0)
+        with pytest.raises(Refused) as info:
+            await gate.acquire(0)  # would wait ~2 s: refused, not queued
+        assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert info.value.reason == QUEUE_WAIT and info.value.retry_after_ms is not None
+        assert gate.queued == 1
+        vip = asyncio.create_task(gate.acquire(1))  # nobody ahead at its priority: ~1 s
+        await asyncio.sleep(0)
+        assert gate.queued == 2
+        held.release()
+        (await vip).release()
+        (await first).release()
+        assert gate.active == 0 and gate.queued == 0
+        with pytest.raises(ValueError):
+            AdmissionGate("w", max_active=1, max_queued=1, max_queue_wait_s=0)
 
     asyncio.run(main())
