@@ -112,6 +112,15 @@ class EventWork:
         return bool(self._event.query())
 
 
+def run_on(stream: PairStream | None, body: Callable[[], None]) -> None:
+    """A pair thread's body: on CUDA every op and copy of the pair runs on ``stream``."""
+    if stream is None:
+        body()
+        return
+    with stream.active():
+        body()
+
+
 class PairStream:
     """A pair's CUDA stream (None on CPU): the pair thread runs all its ops inside
     :meth:`active`; :meth:`after` orders it after an event of the compute stream;

@@ -33,6 +33,7 @@ sender joins again on its next transfer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -42,7 +43,7 @@ import torch.distributed as dist
 
 from engine.kv_cache import KVCache
 from kv_transfer.budget import PairBudget
-from kv_transfer.completion import PairStream
+from kv_transfer.completion import PairStream, run_on
 from kv_transfer.errors import ProtocolError, TransferError
 from kv_transfer.expected import ExpectedTransfers
 from kv_transfer.landing import Landing
@@ -97,7 +98,7 @@ class ReceiverPair:
         self._staging = Staging(cache.device, slots=config.pipeline_depth)
         self._thread = threading.Thread(
             target=run_in_inference_mode,
-            args=(self._run_on_stream,),
+            args=(functools.partial(run_on, self._cuda_stream, self._run),),
             name=f"kv-recv-{index}",
             daemon=True,
         )
@@ -110,14 +111,6 @@ class ReceiverPair:
         sender. Any thread; the pair thread closes the link."""
         self._evicted = self._evicted or reason
         self._flag_close()
-
-    def _run_on_stream(self) -> None:
-        """The pair thread: on CUDA every op and copy of the pair runs on its own stream."""
-        if self._cuda_stream is None:
-            self._run()
-            return
-        with self._cuda_stream.active():
-            self._run()
 
     def _run(self) -> None:
         cfg, device = self._config, self._cache.device

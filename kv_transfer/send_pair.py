@@ -30,6 +30,7 @@ been idle for ``idle_timeout_s``, or when the receiver flagged ``close/{k}`` in 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -40,7 +41,7 @@ import torch.distributed as dist
 from common.cluster_secret import load_secret
 from engine.kv_cache import KVCache
 from kv_transfer.budget import PairBudget
-from kv_transfer.completion import Completion, PairStream
+from kv_transfer.completion import Completion, PairStream, run_on
 from kv_transfer.errors import (
     PeerLost,
     ProtocolError,
@@ -111,7 +112,7 @@ class SenderPair:
         self._seq = 0
         self._thread = threading.Thread(
             target=run_in_inference_mode,
-            args=(self._run_on_stream,),
+            args=(functools.partial(run_on, self._cuda_stream, self._run),),
             name=f"kv-send-{address}",
             daemon=True,
         )
@@ -185,14 +186,6 @@ class SenderPair:
         self._thread.join(timeout=self._config.grace_s + 1)
 
     # ---- pair thread ---------------------------------------------------------------------
-
-    def _run_on_stream(self) -> None:
-        """The pair thread: on CUDA every op and copy of the pair runs on its own stream."""
-        if self._cuda_stream is None:
-            self._run()
-            return
-        with self._cuda_stream.active():
-            self._run()
 
     def _run(self) -> None:
         try:

@@ -14,12 +14,12 @@ average 24), hence the long ready timeout.
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 from common.launch import ChildProcess, child_env, free_loopback_port
 from common.service import Service
 from loadgen.peers import Peer, vllm_environment
+from loadgen.stack import http_ok
 
 
 class VLLMServe(Service):
@@ -67,7 +67,7 @@ class VLLMServe(Service):
         env.pop("PYTHONPATH", None)  # the peer venv must not import this checkout's packages
         self._proc = ChildProcess(self.command(port), self.log_dir / "serve.log", env)
         try:
-            self._proc.wait_for(lambda: _http_ok(self.url + "/health"), self._timeout_s, "health")
+            self._proc.wait_for(lambda: http_ok(self.url + "/health"), self._timeout_s, "health")
         except BaseException:
             self.stop()
             raise
@@ -77,11 +77,3 @@ class VLLMServe(Service):
         if self._proc is not None:
             self._proc.kill()
             self._proc = None
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return response.status == 200
-    except OSError:
-        return False

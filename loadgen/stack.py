@@ -289,7 +289,7 @@ class TransformersServe(Service):
                    "--device", "cpu", "--log-level", "warning", self.model]  # fmt: skip
         self._proc = ChildProcess(command, self.log_dir / "serve.log", child_env(self._threads))
         try:
-            self._proc.wait_for(lambda: _http_ok(self.url + "/health"), 180.0, "GET /health")
+            self._proc.wait_for(lambda: http_ok(self.url + "/health"), 180.0, "GET /health")
         except BaseException:
             self.stop()
             raise
@@ -301,7 +301,8 @@ class TransformersServe(Service):
             self._proc = None
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Does ``url`` answer 200 within a second (a server's health probe)?"""
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
             return response.status == 200
