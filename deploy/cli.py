@@ -5,7 +5,8 @@ existing cluster with ``--address``) and serves until Ctrl-C; ``pdserve status``
 pools and workers; ``pdserve check`` validates a Serve config offline (Serve's schema and
 pdserve's own checks); ``pdserve chat`` / ``pdserve generate`` stream a reply from a
 running router (``--local``: run the engine in this process instead, offline);
-``pdserve bench`` is the end-to-end load generator (the ``loadgen`` package). The logic
+``pdserve bench`` is the end-to-end load generator (the ``loadgen`` package);
+``pdserve profile`` / ``simulate`` / ``plan`` are the capacity planner (``capacity``). The logic
 lives in the deploy, router and loadgen packages; this file only parses arguments.
 """
 
@@ -83,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     from loadgen.cli import add_parser as add_bench_parser
 
     add_bench_parser(commands)
+    from capacity.cli import add_parsers as add_capacity_parsers
+
+    add_capacity_parsers(commands)
     return parser
 
 
