@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GLOO_SOCKET_IFNAME := lo
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup serve test lint bench bench-peers bench-kv bench-alloc bench-disagg bench-router bench-migration bench-e2e bench-all proto clean redis model
+.PHONY: setup serve test lint bench bench-peers bench-kv bench-alloc bench-spec bench-disagg bench-router bench-migration bench-e2e bench-all proto clean redis model
 
 setup: $(STAMP) model redis
 
@@ -67,6 +67,10 @@ bench-kv: setup
 
 bench-alloc: setup
 	$(BIN)/python -m benchmarks.allocator $(BENCH_ARGS)
+
+# Speculative decoding (n-gram) on vs off, batch-1 greedy tokens/s.
+bench-spec: setup
+	$(BIN)/python -m benchmarks.speculative $(BENCH_ARGS)
 
 # The suite's disagg scenario, plus colocated with a 256-token step budget (~10 min).
 bench-disagg: setup

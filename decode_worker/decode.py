@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from common.errors import ErrorCode, RequestError, invalid
 from common.generation import FinishReason, Usage
+from common.logprobs import TokenLogprob
 from decode_worker.admission import Admission, Reservation
 from decode_worker.prefill_client import PrefillClient, PrefillFailed
 from decode_worker.stats import DecodeStats
@@ -245,7 +246,14 @@ class Decoder:
         try:
             self._stats.first_token(time.monotonic() - started)
             usage = Usage(len(job.prompt), 1, outcome.cached_tokens)
-            yield TokenDelta((outcome.first_token,), None, usage, job.prefill.worker_id)
+            yield TokenDelta(
+                (outcome.first_token,),
+                None,
+                usage,
+                job.prefill.worker_id,
+                logprobs=_first_logprobs(job, outcome),
+                prompt_logprobs=outcome.prompt_logprobs if job.params.prompt_logprobs else None,
+            )
         except BaseException:
             self._admission.give_back(reservation)
             raise
@@ -298,10 +306,30 @@ class Decoder:
                         Usage(out.prompt_tokens, sent, cached_tokens) if first or reason else None
                     )
                     by = (first_by or "") if first else ""
-                    yield TokenDelta(tokens, reason, usage, by)
+                    yield TokenDelta(
+                        tokens,
+                        reason,
+                        usage,
+                        by,
+                        logprobs=_maybe_tuple(out.logprobs),
+                        prompt_logprobs=_maybe_tuple(out.prompt_logprobs),
+                    )
                     first = False
         finally:
             self._stats.finished(outcome, sent, cached_tokens)
+            if (spec := getattr(self._engine, "speculative_stats", None)) is not None:
+                self._stats.speculative(spec())
+
+
+def _first_logprobs(job: DecodeJob, outcome: PrefillResult) -> tuple[TokenLogprob, ...] | None:
+    """The prefill-sampled first token's log-prob, as the first delta carries it."""
+    if job.params.logprobs is None or outcome.first_logprob is None:
+        return None
+    return (outcome.first_logprob,)
+
+
+def _maybe_tuple(items: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None:
+    return None if items is None else tuple(items)
 
 
 def _resolve(future: asyncio.Future[TransferState], state: TransferState) -> None:

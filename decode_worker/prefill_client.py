@@ -59,7 +59,7 @@ class GrpcPrefillClient:
             raise PrefillFailed(
                 code.name.lower(), f"{address}: {code.name}: {exc.details()}"
             ) from None
-        return result_from_proto(reply)
+        return result_from_proto(reply, prompt_logprobs=job.params.prompt_logprobs)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

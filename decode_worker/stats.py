@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from common.errors import ErrorCode
 from common.metrics import Metrics
+from engine.speculative import SpeculativeStats
 from kv_transfer.metrics import DURATION_BUCKETS, TransferMetrics
 from worker.latency import LatencyWindow
 
@@ -30,9 +31,23 @@ class DecodeStats:
         self._kv_seconds = metrics.histogram(
             "kv_transfer_seconds", "KV transfer durations", ["role"], buckets=DURATION_BUCKETS
         )
+        self._spec = {
+            name: metrics.gauge(f"speculative_{name}", doc)
+            for name, doc in (
+                ("draft_tokens", "Draft tokens verified (speculative decoding, since start)"),
+                ("accepted_tokens", "Draft tokens accepted by the target model"),
+                ("acceptance_rate", "accepted_tokens / draft_tokens"),
+            )
+        }
         self._kv_failures = metrics.counter(
             "kv_transfer_failures", "Failed transfers", ["role", "kind"]
         )
+
+    def speculative(self, stats: SpeculativeStats) -> None:
+        """Export the engine's speculative decoding counters (monotonic, set as gauges)."""
+        self._spec["draft_tokens"].set(stats.num_draft_tokens)
+        self._spec["accepted_tokens"].set(stats.num_accepted_tokens)
+        self._spec["acceptance_rate"].set(stats.acceptance_rate)
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)

@@ -32,6 +32,7 @@ from common.worker_info import BlockGeometry
 from engine.kv_cache import KVLayout
 from engine.llm_engine import LLMEngine, StepLayerHook
 from engine.outputs import StepOutput
+from engine.speculative import SpeculativeStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -251,6 +252,10 @@ class AsyncEngine:
 
     def _snapshot(self) -> EngineStats:
         return engine_stats(self.engine)
+
+    def speculative_stats(self) -> SpeculativeStats:
+        """Speculative decoding counters (a snapshot of ints; safe off the engine thread)."""
+        return self.engine.speculative_stats()
 
     async def exact_stats(self) -> EngineStats:
         """The load taken on the engine thread between steps (``stats`` may be a step old)."""

@@ -7,6 +7,11 @@ of the step shares the same metadata.
 
 Backends: a torch reference (CPU, and any device) built on ``scaled_dot_product_attention``;
 on CUDA, decode rows use the Triton paged-attention kernel instead.
+
+Quantized caches (``EngineConfig.kv_cache_dtype`` fp8 / int8, engine/kv_quant.py): new K/V
+rows are quantized as they are written; reads dequantize the gathered blocks (torch path, on
+every device for now: there is no quantized Triton kernel yet). A prefill chunk with
+no cached prefix attends over its own fresh, unquantized K/V.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import kv_quant
 from engine.kv_cache import slot_rows
 
 
@@ -56,7 +62,10 @@ def write_kv(
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store new K/V rows ``(T, kv_heads, head_dim)`` at their slots."""
+    """Store new K/V rows ``(T, kv_heads, head_dim)`` at their slots (quantized first when
+    the cache is)."""
+    if kind := kv_quant.kind_of(k_cache):
+        k, v = kv_quant.quantize(k, kind), kv_quant.quantize(v, kind)
     slot_rows(k_cache).index_copy_(0, slot_mapping, k)
     slot_rows(v_cache).index_copy_(0, slot_mapping, v)
 
@@ -110,8 +119,8 @@ def _prefill(
         )
         return out[0].transpose(0, 1)
     table = span.block_table.unsqueeze(0)
-    key = _gather_blocks(k_cache, table)[0].transpose(0, 1).unsqueeze(0)  # (1, KVH, L, D)
-    value = _gather_blocks(v_cache, table)[0].transpose(0, 1).unsqueeze(0)
+    key = _gather_blocks(k_cache, table, q.dtype)[0].transpose(0, 1).unsqueeze(0)  # (1,KVH,L,D)
+    value = _gather_blocks(v_cache, table, q.dtype)[0].transpose(0, 1).unsqueeze(0)
     offset = span.context_len - span.query_len
     query_pos = torch.arange(span.query_len, device=q.device) + offset
     # Causal over the prefix + chunk; the tail of the last block (>= context_len) is
@@ -126,7 +135,8 @@ def _prefill(
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch, scale: float
 ) -> torch.Tensor:
-    if q.is_cuda:
+    # No quantized Triton kernel yet: quantized caches take the torch path on CUDA too.
+    if q.is_cuda and not kv_quant.kind_of(k_cache):
         from engine import triton_ops
 
         return triton_ops.paged_decode_attention(
@@ -136,13 +146,15 @@ def _decode(
     kv_heads = k_cache.shape[2]
     # Group query heads under their KV head so each KV head is read once (no repeat_kv).
     query = q.view(rows, kv_heads, heads // kv_heads, dim)
-    key = _gather_blocks(k_cache, batch.block_tables).permute(0, 2, 1, 3)  # (rows, KVH, L, D)
-    value = _gather_blocks(v_cache, batch.block_tables).permute(0, 2, 1, 3)
+    key = _gather_blocks(k_cache, batch.block_tables, q.dtype).permute(0, 2, 1, 3)  # rows,KVH,L,D
+    value = _gather_blocks(v_cache, batch.block_tables, q.dtype).permute(0, 2, 1, 3)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.mask, scale=scale)
     return out.reshape(rows, heads, dim)
 
 
-def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+def _gather_blocks(
+    cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """K or V of every position a ``(rows, width)`` block table covers, as
     ``(rows, width * block_size, heads, dim)``, from a ``(num_blocks, block_size, heads, dim)``
     cache of any block stride (page-first caches are strided over blocks).
@@ -150,9 +162,13 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Ten
     Whole blocks (``block_size`` rows of ``heads * dim``) per index rather than single
     slots: one ``index_select`` copy of 16x fewer, 16x longer runs, and no per-position
     slot tensor to build each step. (``index_select`` rather than ``cache[ids]``: advanced
-    indexing is far slower here.)
+    indexing is far slower here.) A quantized cache's blocks are dequantized to ``dtype``
+    after the gather, so only the blocks read are converted.
     """
     rows, width = block_tables.shape
     _, block_size, heads, dim = cache.shape
     blocks = cache.index_select(0, block_tables.reshape(-1))
+    if kv_quant.kind_of(cache):
+        blocks = kv_quant.dequantize(blocks, dtype)
+        dim = blocks.shape[-1]
     return blocks.view(rows, width * block_size, heads, dim)

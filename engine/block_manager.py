@@ -163,6 +163,19 @@ class BlockManager:
             parent = block_hash
         self._committed[seq.request_id] = (num_full, parent)
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the tail blocks of ``seq`` beyond its computed tokens (speculative decoding
+        rolls back the slots of rejected drafts). Those blocks were never committed, so
+        they go straight back to the free list."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if len(seq.block_table) <= keep:
+            return
+        extra = seq.block_table[keep:]
+        self._check_releasable(extra)
+        for block in reversed(extra):
+            self._release(block)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (a no-op for an empty table) and clear the table.
 
@@ -198,8 +211,8 @@ class BlockManager:
 
     def _matched_blocks(self, seq: Sequence) -> list[tuple[int, int]]:
         """(hash, block id) of the cached leading full blocks, leaving >= 1 token to compute."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs:
+            return []  # prompt_logprobs need every prompt position computed
         tokens = seq.all_token_ids
         size = self.block_size
         matched: list[tuple[int, int]] = []

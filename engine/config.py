@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: engine/dtype.py
 KV_CACHE_ORDERS = ("layer_first", "page_first")  # memory orders of engine.kv_cache
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # KV cache formats of engine.kv_quant
+SPECULATIVE_METHODS = ("none", "ngram", "draft")  # engine/speculative/
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,11 @@ class EngineConfig:
     # ones (`python -m benchmarks.kv_transfer` has both). Both ends of a
     # transfer must use the same order: the KV handshake refuses a mismatch.
     kv_cache_order: str = "layer_first"
+    # KV cache element format (engine/kv_quant.py). "auto": the model's dtype, unquantized.
+    # "fp8" (float8_e4m3fn) / "int8": one byte per value plus a float32 scale per token and
+    # KV head — about half the memory and KV-transfer bytes of bf16 (0.27x of fp32), for a
+    # small accuracy cost. Both ends of a KV transfer must use the same format.
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 64  # running batch cap
     max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
@@ -49,6 +56,15 @@ class EngineConfig:
     cuda_graphs: bool = True
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # for unseeded requests
+    # Speculative decoding (engine/speculative/): "ngram" drafts by prompt lookup in the
+    # request's own tokens (n-grams of prompt_lookup_max down to prompt_lookup_min tokens);
+    # "draft" runs the smaller checkpoint ``draft_model`` (same tokenizer). Each decode
+    # verifies up to num_speculative_tokens drafts in one target forward pass.
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -56,6 +72,10 @@ class EngineConfig:
         if self.kv_cache_order not in KV_CACHE_ORDERS:
             raise ValueError(
                 f"kv_cache_order must be one of {KV_CACHE_ORDERS}, got {self.kv_cache_order!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
             )
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
@@ -71,3 +91,21 @@ class EngineConfig:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {threshold}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_method must be one of {SPECULATIVE_METHODS}, "
+                f"got {self.speculative_method!r}"
+            )
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("speculative_method='draft' needs draft_model (a checkpoint path)")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )

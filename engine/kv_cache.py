@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import block_copy
+from engine import block_copy, kv_quant
 from engine.config import KV_CACHE_ORDERS
 
 ORDERS = KV_CACHE_ORDERS
@@ -35,6 +35,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a cache (or model) of this dtype name is stored in; the quantized KV
+    formats ("fp8_e4m3", "int8": engine/kv_quant.py) are stored as bytes."""
+    if kv_quant.is_quantized(name):
+        return kv_quant.storage_dtype(name)
     return _DTYPES[name]
 
 
@@ -47,6 +51,8 @@ class KVLayout:
     head_dim: int
     block_size: int
     num_blocks: int
+    # The model's dtype name, or a quantized KV format ("fp8_e4m3" | "int8", whose rows carry
+    # a float32 scale after the head_dim codes: engine/kv_quant.py).
     dtype: str = "float32"
     # "layer_first" (the logical order, the default) or "page_first"
     # (EngineConfig.kv_cache_order). See the module docstring.
@@ -67,13 +73,15 @@ class KVLayout:
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
-        return (self.block_size, self.num_kv_heads, self.head_dim)
+        """One layer's K (or V) block as stored: quantized rows are ``head_dim + 4`` wide."""
+        return (self.block_size, self.num_kv_heads, kv_quant.row_width(self.dtype, self.head_dim))
 
     @property
     def bytes_per_token(self) -> int:
         """K and V of one token across all layers."""
         itemsize = torch.tensor([], dtype=torch_dtype(self.dtype)).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        width = kv_quant.row_width(self.dtype, self.head_dim)
+        return 2 * self.num_layers * self.num_kv_heads * width * itemsize
 
     @property
     def bytes_per_block(self) -> int:

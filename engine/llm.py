@@ -7,12 +7,12 @@ continuously; outputs come back in prompt order.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from common.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput
+from engine.outputs import CompletionOutput, StepOutput, TokenLogprob
 
 Prompt = str | list[int]
 
@@ -63,11 +63,13 @@ class LLM:
 
     def _run(self, request_ids: list[str]) -> list[CompletionOutput]:
         tokens: dict[str, list[int]] = {rid: [] for rid in request_ids}
+        logprobs: dict[str, _Logprobs] = {rid: _Logprobs() for rid in request_ids}
         done: dict[str, CompletionOutput] = {}
         try:
             while len(done) < len(request_ids):
                 for out in self.engine.step():
                     tokens[out.request_id].extend(out.new_token_ids)
+                    logprobs[out.request_id].add(out)
                     if out.finished:
                         ids = tokens[out.request_id]
                         done[out.request_id] = CompletionOutput(
@@ -77,12 +79,30 @@ class LLM:
                             out.finish_reason,
                             out.prompt_tokens,
                             out.cached_tokens,
+                            logprobs[out.request_id].tokens,
+                            logprobs[out.request_id].prompt,
                         )
         finally:
             for rid in request_ids:
                 if rid not in done:
                     self.engine.abort(rid)
         return [done[rid] for rid in request_ids]
+
+
+@dataclass(slots=True)
+class _Logprobs:
+    """A request's log-probs gathered from its StepOutputs (None where not asked)."""
+
+    tokens: list[TokenLogprob] | None = None
+    prompt: list[TokenLogprob] | None = None
+
+    def add(self, out: StepOutput) -> None:
+        if out.logprobs is not None:
+            if self.tokens is None:
+                self.tokens = []
+            self.tokens.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt = out.prompt_logprobs
 
 
 def _is_single_prompt(prompts: Prompt | Seq[Prompt]) -> bool:

@@ -22,6 +22,7 @@ from common import env
 from common.kv_events import KVEvent
 from common.sampling import SamplingParams
 from common.worker_info import BlockGeometry
+from engine import kv_quant
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.cuda_graphs import CudaGraphDecoder
@@ -31,10 +32,12 @@ from engine.model import LayerHook, load_model
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_loader import ModelLoadError, resolve_model
 from engine.model_runner import ModelRunner
-from engine.outputs import StepOutput
+from engine.outputs import StepOutput, TokenLogprob
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.speculative import SpeculativeStats
+from engine.speculative.build import build_speculator
 
 StepLayerHook = Callable[[int, SchedulerOutput], None]
 
@@ -51,6 +54,7 @@ class LLMEngine:
         source = resolve_model(config.model)
         self.model_config: ModelConfig = load_model_config(source.path, source.name)
         self.max_model_len = _max_model_len(config, self.model_config)
+        kv_quant.check_supported(config.kv_cache_dtype, config.device)
         self.layout = _kv_layout(config, self.model_config, self.max_model_len)
         device = torch.device(config.device)
         self.model = load_model(
@@ -61,8 +65,13 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.layout.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        self.speculator = build_speculator(config, self.model_config)  # None: off
         self.scheduler = Scheduler(
-            config, self.block_manager, self.model_config.eos_token_ids, self.max_model_len
+            config,
+            self.block_manager,
+            self.model_config.eos_token_ids,
+            self.max_model_len,
+            self.speculator,
         )
         self.sampler = Sampler(config.seed)
         self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self._graphs())
@@ -139,6 +148,7 @@ class LLMEngine:
             next(self._arrivals),
             output_token_ids=[first_token],
             block_table=list(block_ids),
+            prompt_logprobs_sent=True,  # the prefill side computed and sent them
         )
         if self.scheduler.add_prefilled(seq):
             return StepOutput(request_id, [], True, seq.finish_reason, seq.num_prompt_tokens, 0)
@@ -190,6 +200,8 @@ class LLMEngine:
                 after_layer(layer, output)
 
         sampled = self.runner.execute(output.scheduled, hook)
+        logprobs = self.runner.last_logprobs
+        before = {c.seq.request_id: len(c.seq.output_token_ids) for c in output.scheduled}
         finished = {seq.request_id for seq in self.scheduler.update_from_output(output, sampled)}
         results = []
         for chunk in output.scheduled:
@@ -200,11 +212,12 @@ class LLMEngine:
             results.append(
                 StepOutput(
                     seq.request_id,
-                    [sampled[seq.request_id]],
+                    seq.output_token_ids[before[seq.request_id] :],  # >1: speculation
                     done,
                     seq.finish_reason,
                     seq.num_prompt_tokens,
                     seq.num_cached_tokens,
+                    *_logprob_fields(seq, logprobs.get(seq.request_id)),
                 )
             )
             if done:
@@ -231,6 +244,12 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._live.pop(request_id, None)
         self.sampler.forget(request_id)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
+
+    def speculative_stats(self) -> SpeculativeStats:
+        """Draft / accepted token counters (all zero when speculation is off)."""
+        return self.speculator.stats() if self.speculator is not None else SpeculativeStats()
 
     # -- text -------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -244,6 +263,17 @@ class LLMEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _logprob_fields(
+    seq: Sequence, sampled: TokenLogprob | None
+) -> tuple[list[TokenLogprob] | None, list[TokenLogprob] | None]:
+    """(logprobs, prompt_logprobs) of a StepOutput; the prompt's go on the first output only."""
+    token = [sampled] if sampled is not None else None
+    if not seq.params.prompt_logprobs or seq.prompt_logprobs_sent:
+        return token, None
+    seq.prompt_logprobs_sent = True
+    return token, list(seq.prompt_logprobs)
 
 
 def _load_tokenizer(path: object) -> object:
@@ -267,8 +297,9 @@ def _max_model_len(config: EngineConfig, model: ModelConfig) -> int:
 
 
 def _kv_layout(config: EngineConfig, model: ModelConfig, max_model_len: int) -> KVLayout:
+    kv_dtype = kv_quant.layout_dtype(config.kv_cache_dtype, config.dtype)
     probe = KVLayout(
-        model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, 1, config.dtype
+        model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, 1, kv_dtype
     )
     blocks = config.num_kv_blocks or int(config.kv_cache_gib * 2**30) // probe.bytes_per_block
     layout = KVLayout(
@@ -277,7 +308,7 @@ def _kv_layout(config: EngineConfig, model: ModelConfig, max_model_len: int) -> 
         model.head_dim,
         config.block_size,
         blocks,
-        config.dtype,
+        kv_dtype,
         config.kv_cache_order,
     )
     if blocks < 1:

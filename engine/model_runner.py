@@ -5,14 +5,17 @@ attention can treat the decode rows as padded batches. Decode rows are sorted by
 length and cut into groups by engine/decode_groups.py (padded work against per-group
 overhead), so one long context does not make every row of the step pay for its length.
 Logits are computed only for the chunks that end on the last known token of their
-sequence (``samples``). Slots and block tables are built in plain Python from the block
-tables the scheduler already holds: a few hundred ints a step, cheaper than the dozens of
-tiny tensor ops it would take to compute them on the device.
+sequence (``samples``), plus every prompt row of a request that asked for
+``prompt_logprobs`` (engine/logprobs.py turns them, and the sampled rows that asked for
+``logprobs``, into log-probs; ``last_logprobs`` holds the step's). Slots and block
+tables are built in plain Python from the block tables the scheduler already holds: a few
+hundred ints a step, cheaper than the dozens of tiny tensor ops it would take to compute
+them on the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,9 +23,12 @@ from engine.attention import AttentionMetadata, DecodeBatch, PrefillSpan
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.decode_groups import group_by_context
 from engine.kv_cache import KVCache
+from engine.logprobs import prompt_logprobs, token_logprobs
 from engine.model import DecoderModel, LayerHook
+from engine.outputs import TokenLogprob
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledChunk
+from engine.speculative.verify import verify_chunks
 
 
 @dataclass(slots=True)
@@ -32,6 +38,8 @@ class StepBatch:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # rows of the batch whose logits are sampled
     samplers: list[ScheduledChunk]  # the chunks those rows belong to, same order
+    # (chunk, its first row) in batch order: prompt_logprobs reads the chunk's rows
+    chunk_rows: list[tuple[ScheduledChunk, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -49,12 +57,15 @@ class ModelRunner:
         self.block_size = kv_cache.layout.block_size
         self.row_stride = kv_cache.layout.row_stride  # slot = block * row_stride + offset
         self.device = kv_cache.device
+        # Log-probs of the tokens sampled by the last execute(), for requests that asked.
+        self.last_logprobs: dict[str, TokenLogprob] = {}
 
     @torch.inference_mode()
     def execute(
         self, chunks: list[ScheduledChunk], after_layer: LayerHook | None = None
-    ) -> dict[str, int]:
-        """Compute the chunks' KV into the cache; return the sampled token per request."""
+    ) -> dict[str, int | list[int]]:
+        """Compute the chunks' KV into the cache; return the sampled token per request
+        (for a speculative verify chunk: the list of its accepted tokens)."""
         batch = self.prepare(chunks)
         if (
             self.graphs is not None
@@ -66,12 +77,54 @@ class ModelRunner:
             hidden = self.model(
                 batch.input_ids, batch.positions, self.kv_cache, batch.meta, after_layer
             )
+        self._prompt_logprobs(batch, hidden)
+        self.last_logprobs = {}
+        verified = [(c, row) for c, row in batch.chunk_rows if c.draft_token_ids]
+        result: dict[str, int | list[int]] = dict(
+            verify_chunks(verified, hidden, self.model.compute_logits, self.sampler)
+        )
         if not batch.samplers:
-            return {}
+            return result
         logits = self.model.compute_logits(hidden[batch.sample_rows])
         ids = [chunk.seq.request_id for chunk in batch.samplers]
         tokens = self.sampler.sample(logits, ids, [chunk.seq.params for chunk in batch.samplers])
-        return dict(zip(ids, tokens, strict=True))
+        self._sampled_logprobs(batch.samplers, logits, tokens)
+        result.update(zip(ids, tokens, strict=True))
+        return result
+
+    def _sampled_logprobs(
+        self, samplers: list[ScheduledChunk], logits: torch.Tensor, tokens: list[int]
+    ) -> None:
+        """Log-probs (raw model, engine/logprobs.py) of the sampled rows that asked."""
+        rows = [i for i, c in enumerate(samplers) if c.seq.params.logprobs is not None]
+        if not rows:
+            return
+        found = token_logprobs(
+            logits[self._tensor(rows)],
+            [tokens[i] for i in rows],
+            [samplers[i].seq.params.logprobs or 0 for i in rows],
+        )
+        self.last_logprobs = {
+            samplers[i].seq.request_id: lp for i, lp in zip(rows, found, strict=True)
+        }
+
+    def _prompt_logprobs(self, batch: StepBatch, hidden: torch.Tensor) -> None:
+        """Append the chunk's prompt log-probs to each sequence that asked for them.
+
+        Row ``p`` predicts prompt token ``p + 1``; positions already recorded (a preempted
+        sequence recomputing its prompt) are skipped, so chunked prefills fill the list once.
+        """
+        for chunk, first_row in batch.chunk_rows:
+            seq = chunk.seq
+            if not seq.params.prompt_logprobs:
+                continue
+            begin = max(chunk.start, len(seq.prompt_logprobs))
+            end = min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1)
+            if begin >= end:
+                continue
+            rows = hidden[first_row + begin - chunk.start : first_row + end - chunk.start]
+            targets = seq.prompt_token_ids[begin + 1 : end + 1]
+            seq.prompt_logprobs.extend(prompt_logprobs(rows, targets, self.model.compute_logits))
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepBatch:
         decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.start)
@@ -80,10 +133,12 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
+        chunk_rows: list[tuple[ScheduledChunk, int]] = []
         for chunk in ordered:
-            input_ids.extend(chunk.seq.all_token_ids[chunk.start : chunk.start + chunk.num_tokens])
+            chunk_rows.append((chunk, len(input_ids)))
+            input_ids.extend(chunk.token_ids)  # a verify chunk's drafts included
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
-            if chunk.samples:
+            if chunk.samples and not chunk.draft_token_ids:
                 sample_rows.append(len(input_ids) - 1)
         meta = AttentionMetadata(
             slot_mapping=self._slot_mapping(ordered),
@@ -95,7 +150,8 @@ class ModelRunner:
             positions=self._tensor(positions),
             meta=meta,
             sample_rows=self._tensor(sample_rows),
-            samplers=[chunk for chunk in ordered if chunk.samples],
+            samplers=[c for c in ordered if c.samples and not c.draft_token_ids],
+            chunk_rows=chunk_rows,
         )
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:

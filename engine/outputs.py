@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.generation import FinishReason
+from common.logprobs import TokenLogprob
+
+__all__ = ["CompletionOutput", "StepOutput", "TokenLogprob"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +20,10 @@ class StepOutput:
     finish_reason: FinishReason | None  # set once finished
     prompt_tokens: int
     cached_tokens: int  # prompt tokens served by the prefix cache
+    # One entry per token of new_token_ids when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
+    # Set on the request's first output when it asked for prompt_logprobs (prompt_len - 1).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +36,5 @@ class CompletionOutput:
     finish_reason: FinishReason
     prompt_tokens: int
     cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # per generated token, if asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token after the first

@@ -2,7 +2,9 @@
 
 Greedy rows take the argmax in one batched call. Sampled rows are filtered per row (their
 parameters differ) and drawn from a per-request ``torch.Generator`` when the request has
-a seed, so its samples do not depend on what else shares the batch.
+a seed, so its samples do not depend on what else shares the batch. Log-probs of the
+picked tokens (``SamplingParams.logprobs``) come from the same logits, before any of this
+filtering: engine/logprobs.py, called by the model runner after ``sample``.
 """
 
 from __future__ import annotations

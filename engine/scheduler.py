@@ -46,12 +46,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.generation import FinishReason
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.prefill_policy import PrefillPolicy
 from engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.speculative import Speculator
 
 
 @dataclass(slots=True)
@@ -62,11 +66,15 @@ class ScheduledChunk:
     start: int  # first position to compute (= seq.num_computed_tokens at schedule time)
     num_tokens: int  # positions to compute this step (1 for a decode)
     samples: bool  # chunk reaches the seq's last token: the model must sample a next token
+    # A verify chunk (speculative decoding): the seq's last token then these drafts, so
+    # num_tokens == 1 + len(draft_token_ids); the runner returns the accepted tokens.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
         """The input tokens of this chunk."""
-        return self.seq.all_token_ids[self.start : self.start + self.num_tokens]
+        known = self.num_tokens - len(self.draft_token_ids)
+        return self.seq.all_token_ids[self.start : self.start + known] + self.draft_token_ids
 
 
 @dataclass(slots=True)
@@ -85,6 +93,7 @@ class Scheduler:
         block_manager: BlockManager,
         eos_token_ids: frozenset[int],
         max_model_len: int,
+        speculator: Speculator | None = None,
     ) -> None:
         if block_manager.block_size != config.block_size:
             raise ValueError("block manager and config disagree on block_size")
@@ -93,6 +102,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        self.speculator = speculator  # None: no speculative decoding
         # A sequence stops (LENGTH) once its next decode would need more KV slots than the
         # whole cache holds: alone it could never get them, and it would preempt itself
         # forever. So the effective context length is capped by the cache's capacity.
@@ -202,6 +212,12 @@ class Scheduler:
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
             num_tokens = self.policy.first_chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+            verify = self._verify_chunk(seq, budget)
+            if verify is not None:
+                out.scheduled.append(verify)
+                budget -= verify.num_tokens
+                i += 1
+                continue
             while not self.block_manager.append_slots(seq, num_tokens):
                 victim = self._running[-1]  # most recent arrival; never one already scheduled
                 self._preempt(victim)
@@ -212,6 +228,25 @@ class Scheduler:
             budget -= num_tokens
             i += 1
         return budget
+
+    def _verify_chunk(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
+        """A decode widened by draft tokens, if the speculator proposes any and they fit.
+
+        Drafts are capped so that accepting all of them (plus the bonus token) stays within
+        ``max_tokens`` and the context length. If their KV slots are not free the sequence
+        decodes plainly instead (no preemption for speculation)."""
+        if self.speculator is None or seq.num_tokens - seq.num_computed_tokens != 1:
+            return None
+        limit = min(
+            budget - 1,
+            seq.params.max_tokens - len(seq.output_token_ids) - 1,
+            self.max_len - seq.num_tokens - 1,
+        )
+        drafts = self.speculator.propose(seq, limit) if limit > 0 else []
+        if not drafts or not self.block_manager.append_slots(seq, 1 + len(drafts)):
+            return None
+        start = seq.num_computed_tokens
+        return ScheduledChunk(seq, start, 1 + len(drafts), True, list(drafts))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, first_pass: bool) -> int:
         """Admit in FIFO order; the first pass caps chunks and passes over long prompts."""
@@ -280,12 +315,13 @@ class Scheduler:
     # ---- step, part 2 -----------------------------------------------------------------
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, int]
+        self, output: SchedulerOutput, sampled: dict[str, int] | dict[str, int | list[int]]
     ) -> list[Sequence]:
         """Apply a step's results; return the sequences that finished in it.
 
-        ``sampled`` maps request id -> token for every chunk with ``samples`` set. Chunks of
-        sequences aborted while the step ran are ignored.
+        ``sampled`` maps request id -> token for every chunk with ``samples`` set (a verify
+        chunk's value is the list of its accepted tokens). Chunks of sequences aborted while
+        the step ran are ignored.
         """
         finished: list[Sequence] = []
         for chunk in output.scheduled:
@@ -294,6 +330,10 @@ class Scheduler:
                 continue
             if seq.num_computed_tokens != chunk.start:
                 raise ValueError(f"{seq.request_id}: output applied twice or out of order")
+            if chunk.draft_token_ids:
+                if self._apply_verified(chunk, sampled):
+                    finished.append(seq)
+                continue
             seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.commit_computed(seq)
             if not chunk.samples:
@@ -307,6 +347,35 @@ class Scheduler:
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _apply_verified(
+        self, chunk: ScheduledChunk, sampled: dict[str, int] | dict[str, int | list[int]]
+    ) -> bool:
+        """Append a verify chunk's accepted tokens in order, stopping at the first stop.
+
+        Each appended token makes the KV of the input before it valid, so the computed
+        length grows by the number kept; the KV written for rejected drafts is beyond it,
+        and the blocks that only held such positions are freed (rolled back). Returns True
+        if the sequence finished.
+        """
+        seq = chunk.seq
+        tokens = sampled.get(seq.request_id)
+        if not isinstance(tokens, list) or not 1 <= len(tokens) <= chunk.num_tokens:
+            raise KeyError(f"no verified tokens for {seq.request_id}")
+        if self.speculator is not None:
+            self.speculator.record(seq.request_id, len(chunk.draft_token_ids), len(tokens) - 1)
+        reason = None
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            seq.num_computed_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                break
+        self.block_manager.trim(seq)
+        self.block_manager.commit_computed(seq)
+        if reason is not None:
+            self._finish(seq, reason)
+        return reason is not None
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if token in self.eos_token_ids and not seq.params.ignore_eos:

@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from common.generation import FinishReason
+from common.logprobs import TokenLogprob
 from common.sampling import SamplingParams
 
 
@@ -36,6 +37,10 @@ class Sequence:
     # Keep the KV blocks after finishing, until the scheduler's release(): the prefill side
     # of a disaggregated request must still send them.
     hold_blocks: bool = False
+    # prompt_logprobs[i] is the log-prob of prompt token i + 1 (filled chunk by chunk, when
+    # the request asked for them); prompt_logprobs_sent once an output has carried them.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

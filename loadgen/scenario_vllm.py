@@ -2,7 +2,8 @@
 
 For each dtype of ``Plan.vllm_dtypes`` (``None``: each system's own default), the same
 seeded workload at the same open-loop rate goes to pdserve (through each API of
-``Plan.vllm_pdserve_apis``: its gRPC API and/or its OpenAI HTTP API) and then to
+``Plan.vllm_pdserve_apis``: its gRPC API and/or its OpenAI HTTP API, each on a freshly
+started stack so that neither run finds the other's prompts cached) and then to
 ``vllm serve`` started from the peer venv (``make bench-peers``) through its OpenAI API,
 by the same client. Both get the two cores: our two workers one torch thread each, vLLM
 two OpenMP threads. Without the peer the scenario runs nothing and says so (``skipped``).
@@ -41,9 +42,11 @@ def vllm_scenario(plan: Plan, log_dir: Path, tokenizer: Any) -> dict[str, Any]:
     for dtype in plan.vllm_dtypes:
         shown = dtype or "default"
         stack_spec = with_dtype(disaggregated(), dtype)
-        with OurStack(stack_spec, log_dir) as stack:
-            warm_up(stack.url, tokenizer)
-            for api in plan.vllm_pdserve_apis:
+        for api in plan.vllm_pdserve_apis:
+            # A fresh stack per API: the same seeded prompts would otherwise find the
+            # previous API's run in the prefix cache, which vLLM's fresh server never gets.
+            with OurStack(stack_spec, log_dir) as stack:
+                warm_up(stack.url, tokenizer)
                 url = stack.url if api == "grpc" else stack.http_url
                 _say(f"-- pdserve 1P+1D ({api}, {shown}) at {plan.vllm_rate:g} req/s")
                 spec = RunSpec(f"pdserve-{api}", plan.vllm_workload, load, plan.tight_slo)

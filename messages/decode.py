@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.generation import FinishReason, Usage
+from common.logprobs import TokenLogprob
 from common.sampling import SamplingParams
 
 
@@ -40,3 +41,7 @@ class TokenDelta:
     finish_reason: FinishReason | None = None  # set on the last delta only
     usage: Usage | None = None  # set on the first and the last delta
     prefilled_by: str = ""  # first delta: the prefill worker's id, or "local"; else ""
+    # One per token_ids entry when the request asked for logprobs, else None.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    # First delta only, when the request asked for prompt_logprobs (prompt length - 1).
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None

@@ -13,7 +13,9 @@ import uuid
 from typing import Any
 
 from common.generation import FinishReason, Usage
+from common.sampling import SamplingParams
 from messages.decode import DecodeJob, PrefillTarget, TokenDelta
+from messages.logprobs_proto import logprobs_from_proto, logprobs_to_proto
 from messages.sampling_proto import sampling_from_proto, sampling_to_proto
 from proto import worker_pb2
 
@@ -65,16 +67,28 @@ def delta_to_proto(delta: TokenDelta) -> worker_pb2.DecodeResponse:
         message["finish_reason"] = _TO_PROTO[delta.finish_reason]
     if delta.usage is not None:
         message["usage"] = usage_to_proto(delta.usage)
+    message["logprobs"] = logprobs_to_proto(delta.logprobs, worker_pb2.TokenLogprob)
+    message["prompt_logprobs"] = logprobs_to_proto(delta.prompt_logprobs, worker_pb2.TokenLogprob)
     return worker_pb2.DecodeResponse(**message)
 
 
-def delta_from_proto(response: worker_pb2.DecodeResponse) -> TokenDelta:
+def delta_from_proto(
+    response: worker_pb2.DecodeResponse, params: SamplingParams | None = None
+) -> TokenDelta:
+    """``params``: the request's, so that asked-for log-probs come back as tuples (maybe
+    empty) and unasked ones as None; without them, None stands for "none on the wire"."""
     usage = usage_from_proto(response.usage) if response.HasField("usage") else None
+    logprobs = logprobs_from_proto(response.logprobs)
+    prompt = logprobs_from_proto(response.prompt_logprobs)
+    asked_tokens = params.logprobs is not None if params is not None else bool(logprobs)
+    asked_prompt = params.prompt_logprobs if params is not None else bool(prompt)
     return TokenDelta(
         token_ids=tuple(response.token_ids),
         finish_reason=_FROM_PROTO.get(response.finish_reason),
         usage=usage,
         prefilled_by=response.prefilled_by,
+        logprobs=logprobs if asked_tokens else None,
+        prompt_logprobs=prompt if asked_prompt else None,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.logprobs import TokenLogprob
 from common.sampling import SamplingParams
 
 
@@ -35,3 +36,5 @@ class PrefillResult:
     prompt_tokens: int  # the prompt's length, as the prefill engine counted it
     kv_bytes: int  # bytes of KV sent
     transfer_seconds: float  # from the send's start to its last byte landing
+    first_logprob: TokenLogprob | None = None  # the first token's, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # when asked

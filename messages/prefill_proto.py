@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import time
 
+from messages.logprobs_proto import (
+    logprob_from_proto,
+    logprob_to_proto,
+    logprobs_from_proto,
+    logprobs_to_proto,
+)
 from messages.prefill import PrefillJob, PrefillResult
 from messages.sampling_proto import sampling_from_proto, sampling_to_proto
 from proto import worker_pb2
@@ -50,20 +56,34 @@ def job_from_proto(request: worker_pb2.PrefillRequest, time_remaining: float | N
 
 
 def result_to_proto(result: PrefillResult) -> worker_pb2.PrefillResponse:
-    return worker_pb2.PrefillResponse(
+    """Log-probs travel only when the request asked (``prompt_logprobs`` None: absent)."""
+    message = worker_pb2.PrefillResponse(
         first_token=result.first_token,
         cached_tokens=result.cached_tokens,
         prompt_tokens=result.prompt_tokens,
         kv_bytes=result.kv_bytes,
         transfer_seconds=result.transfer_seconds,
+        prompt_logprobs=logprobs_to_proto(result.prompt_logprobs, worker_pb2.TokenLogprob),
     )
+    if result.first_logprob is not None:
+        message.first_logprob.CopyFrom(
+            logprob_to_proto(result.first_logprob, worker_pb2.TokenLogprob)
+        )
+    return message
 
 
-def result_from_proto(reply: worker_pb2.PrefillResponse) -> PrefillResult:
+def result_from_proto(
+    reply: worker_pb2.PrefillResponse, prompt_logprobs: bool = False
+) -> PrefillResult:
+    """``prompt_logprobs``: the request asked for them (an empty list then is still a list:
+    a one-token prompt has none)."""
+    first = logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
     return PrefillResult(
         first_token=reply.first_token,
         cached_tokens=reply.cached_tokens,
         prompt_tokens=reply.prompt_tokens,
         kv_bytes=int(reply.kv_bytes),
         transfer_seconds=reply.transfer_seconds,
+        first_logprob=first,
+        prompt_logprobs=logprobs_from_proto(reply.prompt_logprobs) if prompt_logprobs else None,
     )

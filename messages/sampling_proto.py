@@ -9,7 +9,7 @@ where zero is not a valid value —
   first token only, so its default is 1; the decode worker has none, so an unset
   ``max_tokens`` is invalid there (every sender sets it: the router resolves the client's
   value, the decode worker forwards the request's own);
-* ``seed`` is a presence field: unset → None;
+* ``seed``, ``logprobs`` and ``speculative`` are presence fields: unset → None;
 * everything else is taken as is, and :class:`SamplingParams` validates the result
   (``ValueError``, which servicers answer with INVALID_ARGUMENT).
 
@@ -33,6 +33,11 @@ def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
     )
     if params.seed is not None:
         message.seed = params.seed
+    if params.logprobs is not None:
+        message.logprobs = params.logprobs
+    if params.speculative is not None:
+        message.speculative = params.speculative
+    message.prompt_logprobs = params.prompt_logprobs
     return message
 
 
@@ -51,4 +56,7 @@ def sampling_from_proto(
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop_token_ids=tuple(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+        prompt_logprobs=sampling.prompt_logprobs,
+        speculative=sampling.speculative if sampling.HasField("speculative") else None,
     )

@@ -33,6 +33,7 @@ import time
 
 from common.admission_gate import Refused
 from common.errors import ErrorCode, RequestError, invalid
+from common.logprobs import TokenLogprob
 from common.sampling import SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.outputs import StepOutput
@@ -112,6 +113,8 @@ class Prefiller:
                 prompt_tokens=first.prompt_tokens,
                 kv_bytes=m.bytes if m else 0,
                 transfer_seconds=m.duration_s if m else 0.0,
+                first_logprob=first.logprobs[0] if first.logprobs else None,
+                prompt_logprobs=_maybe_tuple(first.prompt_logprobs),
             )
         except RequestError as exc:
             outcome = exc.code.value.lower()  # metric labels stay lower case
@@ -149,6 +152,10 @@ class Prefiller:
         if last is None or not last.new_token_ids:
             raise RuntimeError(f"{rid}: the engine finished without a first token")
         return last
+
+
+def _maybe_tuple(items: list[TokenLogprob] | None) -> tuple[TokenLogprob, ...] | None:
+    return None if items is None else tuple(items)
 
 
 def _retrieve(task: asyncio.Task[StepOutput]) -> None:

@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/worker.proto\x12\x11pdserve.worker.v1\"\x9f\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"8\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\xc3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x31\n\x07prefill\x18\x04 \x01(\x0b\x32 .pdserve.worker.v1.PrefillTarget\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tclient_id\x18\x06 \x01(\t\"\x9a\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x36\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1f.pdserve.worker.v1.FinishReason\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.pdserve.worker.v1.Usage\x12\x14\n\x0cprefilled_by\x18\x04 \x01(\t\"\xe2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x12\n\nlayer_wise\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x11\n\tclient_id\x18\t \x01(\t\"\x80\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"\x12\n\x10GetStatusRequest\"\xe5\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x13\n\x0bused_blocks\x18\x07 \x01(\r\x12\x15\n\rcached_blocks\x18\x08 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\t \x01(\r\x12\x1b\n\x13in_flight_transfers\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32_\n\x0c\x44\x65\x63odeWorker\x12O\n\x06\x44\x65\x63ode\x12 .pdserve.worker.v1.DecodeRequest\x1a!.pdserve.worker.v1.DecodeResponse0\x01\x32\x61\n\rPrefillWorker\x12P\n\x07Prefill\x12!.pdserve.worker.v1.PrefillRequest\x1a\".pdserve.worker.v1.PrefillResponse2b\n\rWorkerControl\x12Q\n\tGetStatus\x12#.pdserve.worker.v1.GetStatusRequest\x1a\x1f.pdserve.worker.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/worker.proto\x12\x11pdserve.worker.v1\"\x86\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\x12\x18\n\x0bspeculative\x18\n \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x0e\n\x0c_speculative\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"]\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12*\n\x03top\x18\x03 \x03(\x0b\x32\x1d.pdserve.worker.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"8\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\xc3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x31\n\x07prefill\x18\x04 \x01(\x0b\x32 .pdserve.worker.v1.PrefillTarget\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tclient_id\x18\x06 \x01(\t\"\x87\x02\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x36\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1f.pdserve.worker.v1.FinishReason\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.pdserve.worker.v1.Usage\x12\x14\n\x0cprefilled_by\x18\x04 \x01(\t\x12\x31\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\x12\x38\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\"\xe2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x12\n\nlayer_wise\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x11\n\tclient_id\x18\t \x01(\t\"\xf2\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x36\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\x12\x38\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\"\x12\n\x10GetStatusRequest\"\xe5\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x13\n\x0bused_blocks\x18\x07 \x01(\r\x12\x15\n\rcached_blocks\x18\x08 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\t \x01(\r\x12\x1b\n\x13in_flight_transfers\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32_\n\x0c\x44\x65\x63odeWorker\x12O\n\x06\x44\x65\x63ode\x12 .pdserve.worker.v1.DecodeRequest\x1a!.pdserve.worker.v1.DecodeResponse0\x01\x32\x61\n\rPrefillWorker\x12P\n\x07Prefill\x12!.pdserve.worker.v1.PrefillRequest\x1a\".pdserve.worker.v1.PrefillResponse2b\n\rWorkerControl\x12Q\n\tGetStatus\x12#.pdserve.worker.v1.GetStatusRequest\x1a\x1f.pdserve.worker.v1.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1310
-  _globals['_FINISHREASON']._serialized_end=1430
+  _globals['_FINISHREASON']._serialized_start=1780
+  _globals['_FINISHREASON']._serialized_end=1900
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=201
-  _globals['_USAGE']._serialized_start=203
-  _globals['_USAGE']._serialized_end=283
-  _globals['_PREFILLTARGET']._serialized_start=285
-  _globals['_PREFILLTARGET']._serialized_end=341
-  _globals['_DECODEREQUEST']._serialized_start=344
-  _globals['_DECODEREQUEST']._serialized_end=539
-  _globals['_DECODERESPONSE']._serialized_start=542
-  _globals['_DECODERESPONSE']._serialized_end=696
-  _globals['_PREFILLREQUEST']._serialized_start=699
-  _globals['_PREFILLREQUEST']._serialized_end=925
-  _globals['_PREFILLRESPONSE']._serialized_start=928
-  _globals['_PREFILLRESPONSE']._serialized_end=1056
-  _globals['_GETSTATUSREQUEST']._serialized_start=1058
-  _globals['_GETSTATUSREQUEST']._serialized_end=1076
-  _globals['_WORKERSTATUS']._serialized_start=1079
-  _globals['_WORKERSTATUS']._serialized_end=1308
-  _globals['_DECODEWORKER']._serialized_start=1432
-  _globals['_DECODEWORKER']._serialized_end=1527
-  _globals['_PREFILLWORKER']._serialized_start=1529
-  _globals['_PREFILLWORKER']._serialized_end=1626
-  _globals['_WORKERCONTROL']._serialized_start=1628
-  _globals['_WORKERCONTROL']._serialized_end=1726
+  _globals['_SAMPLINGPARAMS']._serialized_end=304
+  _globals['_TOPLOGPROB']._serialized_start=306
+  _globals['_TOPLOGPROB']._serialized_end=353
+  _globals['_TOKENLOGPROB']._serialized_start=355
+  _globals['_TOKENLOGPROB']._serialized_end=448
+  _globals['_USAGE']._serialized_start=450
+  _globals['_USAGE']._serialized_end=530
+  _globals['_PREFILLTARGET']._serialized_start=532
+  _globals['_PREFILLTARGET']._serialized_end=588
+  _globals['_DECODEREQUEST']._serialized_start=591
+  _globals['_DECODEREQUEST']._serialized_end=786
+  _globals['_DECODERESPONSE']._serialized_start=789
+  _globals['_DECODERESPONSE']._serialized_end=1052
+  _globals['_PREFILLREQUEST']._serialized_start=1055
+  _globals['_PREFILLREQUEST']._serialized_end=1281
+  _globals['_PREFILLRESPONSE']._serialized_start=1284
+  _globals['_PREFILLRESPONSE']._serialized_end=1526
+  _globals['_GETSTATUSREQUEST']._serialized_start=1528
+  _globals['_GETSTATUSREQUEST']._serialized_end=1546
+  _globals['_WORKERSTATUS']._serialized_start=1549
+  _globals['_WORKERSTATUS']._serialized_end=1778
+  _globals['_DECODEWORKER']._serialized_start=1902
+  _globals['_DECODEWORKER']._serialized_end=1997
+  _globals['_PREFILLWORKER']._serialized_start=1999
+  _globals['_PREFILLWORKER']._serialized_end=2096
+  _globals['_WORKERCONTROL']._serialized_start=2098
+  _globals['_WORKERCONTROL']._serialized_end=2196
 # @@protoc_insertion_point(module_scope)

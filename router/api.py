@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.generation import FinishReason, Usage
+from common.logprobs import TokenLogprob
 
 # ---- request ---------------------------------------------------------------------------------
 
@@ -37,6 +38,9 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # per generated token, its log-prob and this many others
+    prompt_logprobs: bool = False
+    speculative: bool | None = None  # None: the worker's default; False: opt out
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,11 @@ class Chunk:
     finish_reason: FinishReason | None = None  # last chunk only
     usage: Usage | None = None  # last chunk only
     route: RouteInfo | None = None  # first chunk only
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first chunk only, when asked
+    # The text of each token id in ``logprobs`` (sampled and alternatives), for the HTTP
+    # API's replies; not sent over gRPC (clients there detokenize ids themselves).
+    token_texts: dict[int, str] | None = None
 
 
 # ---- ListModels ------------------------------------------------------------------------------

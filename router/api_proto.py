@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from common.generation import FinishReason, Usage
+from messages.logprobs_proto import logprobs_from_proto, logprobs_to_proto
 from proto import serving_pb2
 from router.api import ChatMessage, Chunk, GenerateInput, ModelCard, RouteInfo, SamplingSpec
 
@@ -51,6 +52,11 @@ def input_to_proto(req: GenerateInput) -> serving_pb2.GenerateRequest:
     )
     if s.seed is not None:
         sampling.seed = s.seed
+    if s.logprobs is not None:
+        sampling.logprobs = s.logprobs
+    if s.speculative is not None:
+        sampling.speculative = s.speculative
+    sampling.prompt_logprobs = s.prompt_logprobs
     request = serving_pb2.GenerateRequest(
         request_id=req.request_id, model=req.model, sampling=sampling, priority=req.priority
     )
@@ -89,6 +95,9 @@ def input_from_proto(request: serving_pb2.GenerateRequest) -> GenerateInput:
             stop=tuple(s.stop),
             ignore_eos=s.ignore_eos,
             stop_token_ids=tuple(s.stop_token_ids),
+            logprobs=s.logprobs if s.HasField("logprobs") else None,
+            prompt_logprobs=s.prompt_logprobs,
+            speculative=s.speculative if s.HasField("speculative") else None,
         ),
         priority=request.priority,
     )
@@ -99,7 +108,11 @@ def input_from_proto(request: serving_pb2.GenerateRequest) -> GenerateInput:
 
 def chunk_to_proto(chunk: Chunk) -> serving_pb2.GenerateResponse:
     response = serving_pb2.GenerateResponse(
-        request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids
+        request_id=chunk.request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        logprobs=logprobs_to_proto(chunk.logprobs, serving_pb2.TokenLogprob),
+        prompt_logprobs=logprobs_to_proto(chunk.prompt_logprobs, serving_pb2.TokenLogprob),
     )
     if chunk.finish_reason is not None:
         response.finish_reason = _FINISH_TO_PROTO[chunk.finish_reason]
@@ -154,6 +167,8 @@ def chunk_from_proto(response: serving_pb2.GenerateResponse) -> Chunk:
         finish_reason=_FINISH_FROM_PROTO.get(response.finish_reason),
         usage=usage,
         route=route,
+        logprobs=logprobs_from_proto(response.logprobs) or None,
+        prompt_logprobs=logprobs_from_proto(response.prompt_logprobs) or None,
     )
 
 

@@ -50,6 +50,9 @@ def build_request(
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     priority: int = 0,
+    logprobs: int | None = None,
+    prompt_logprobs: bool = False,
+    speculative: bool | None = None,
 ) -> serving_pb2.GenerateRequest:
     """A GenerateRequest. ``chat=True`` sends ``prompt`` as a user message (after an
     optional ``system`` message); ``messages`` are (role, content) pairs."""
@@ -61,6 +64,9 @@ def build_request(
         seed=seed,
         stop=tuple(stop),
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        speculative=speculative,
     )
     if chat and prompt is not None:
         pairs = [("system", system)] if system else []

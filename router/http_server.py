@@ -87,7 +87,8 @@ def build_app(generator: Generator, keys: ApiKeys | None, max_body_bytes: int) -
         except RequestError as exc:
             return _error(oc.request_error_reply(exc))
         inputs = [_with_client_id(one, request) for one in inputs]
-        reply = oc.Reply(chat, reply_id, req.model or _default_model(generator), int(time.time()))
+        model = req.model or _default_model(generator)
+        reply = oc.Reply(chat, reply_id, model, int(time.time()), req.logprobs_k is not None)
         run = Choices(generator, inputs)
         if req.stream:
             return await _stream(request, run, reply, len(inputs), req.n, req.include_usage)
@@ -132,10 +133,13 @@ async def _whole(request: Request, run: Choices, reply: oc.Reply, count: int, n:
     texts: list[list[str]] = [[] for _ in range(count)]
     last: list[Any] = [None] * count
     usages: list[Usage | None] = [None] * count
+    logprobs = [reply.accumulator() for _ in range(count)]
 
     async def collect() -> None:
         async for index, chunk in run:
             texts[index].append(chunk.text)
+            if (acc := logprobs[index]) is not None:
+                acc.add(chunk.logprobs, chunk.token_texts)
             if chunk.finish_reason is not None:
                 last[index] = chunk.finish_reason
             if chunk.usage is not None:
@@ -148,8 +152,8 @@ async def _whole(request: Request, run: Choices, reply: oc.Reply, count: int, n:
         return _error(oc.request_error_reply(exc))
     finally:
         await run.close()
-    results = zip(texts, last, usages, strict=True)
-    choices = [oc.ChoiceResult("".join(t), f, u) for t, f, u in results]
+    results = zip(texts, last, usages, logprobs, strict=True)
+    choices = [oc.ChoiceResult("".join(t), f, u, lp) for t, f, u, lp in results]
     return JSONResponse(reply.final(choices, n))
 
 
@@ -203,8 +207,16 @@ async def _stream(
                     usages[index] = chunk.usage
                 is_first = index not in started
                 started.add(index)
-                if chunk.text or chunk.finish_reason is not None or (is_first and reply.chat):
-                    data = reply.chunk(index, chunk.text, chunk.finish_reason, first=is_first)
+                wanted = chunk.text or chunk.finish_reason is not None or (is_first and reply.chat)
+                if wanted or (reply.logprobs and chunk.logprobs):
+                    data = reply.chunk(
+                        index,
+                        chunk.text,
+                        chunk.finish_reason,
+                        first=is_first,
+                        logprobs=chunk.logprobs,
+                        texts=chunk.token_texts,
+                    )
                     yield _event(data)
             if include_usage:
                 yield _event(reply.usage_chunk(usages, n))

@@ -70,11 +70,12 @@ def finished_by(request: PreparedRequest, sent: Sequence[int]) -> FinishReason |
 def resume_request(request: PreparedRequest, sent: Sequence[int]) -> PreparedRequest:
     """``request`` continued after the tokens already ``sent``: those join the prompt and
     ``max_tokens`` shrinks by as many; the stop token ids, ``ignore_eos`` and the seed stay.
-    ValueError if nothing is left to generate."""
+    ValueError if nothing is left to generate. The prompt's log-probs went out with the
+    first chunk, so the continuation does not ask for them again (``logprobs`` stays)."""
     left = request.sampling.max_tokens - len(sent)
     if left < 1:
         raise ValueError(f"{len(sent)} tokens sent: max_tokens {request.sampling.max_tokens} spent")
-    sampling = dataclasses.replace(request.sampling, max_tokens=left)
+    sampling = dataclasses.replace(request.sampling, max_tokens=left, prompt_logprobs=False)
     return dataclasses.replace(request, token_ids=(*request.token_ids, *sent), sampling=sampling)
 
 

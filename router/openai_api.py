@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # alternatives per token (common.sampling.MAX_LOGPROBS)
 
 
 class _Body(BaseModel):
@@ -66,18 +67,21 @@ class _Sampling(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def logprobs_k(self) -> int | None:
+        """Alternatives per generated token to return; None = no log-probs."""
+        return None
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs is not None:
-            out.append(("logprobs", "logprobs are not supported yet"))
         if self.echo:
             out.append(("echo", "echo is not supported"))
         if self.suffix:
@@ -85,6 +89,10 @@ class CompletionRequest(_Sampling):
         if self.best_of not in (None, self.n):
             out.append(("best_of", "best_of other than n is not supported"))
         return out
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Body):
@@ -110,21 +118,23 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs:
-            out.append(("logprobs", "logprobs are not supported yet"))
-        if self.top_logprobs is not None:
-            out.append(("top_logprobs", "top_logprobs are not supported yet"))
+        if self.top_logprobs is not None and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs requires logprobs: true"))
         if self.tools:
             out.append(("tools", "tools are not supported"))
         if self.response_format and self.response_format.get("type") != "text":
             out.append(("response_format", "only response_format {'type': 'text'} is supported"))
         return out
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:

@@ -25,8 +25,10 @@ from pydantic import ValidationError
 
 from common.errors import ErrorCode, RequestError
 from common.generation import FinishReason, Usage
+from common.logprobs import TokenLogprob
 from router.api import ChatMessage, GenerateInput, ModelCard, SamplingSpec
 from router.openai_api import ChatCompletionRequest, CompletionRequest
+from router.openai_logprobs import LogprobsAccumulator
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait when the refusal gave no hint
 
@@ -177,6 +179,7 @@ def _spec(
         seed=None if req.seed is None else req.seed + i,
         stop=req.stop_strings,
         ignore_eos=req.ignore_eos,
+        logprobs=req.logprobs_k,
     )
 
 
@@ -218,24 +221,41 @@ class ChoiceResult:
     text: str
     finish_reason: FinishReason | None
     usage: Usage | None
+    logprobs: LogprobsAccumulator | None = None  # when the request asked
 
 
 class Reply:
     """The JSON of one completion (``chat=False``) or chat completion's reply."""
 
-    def __init__(self, chat: bool, reply_id: str, model: str, created: int) -> None:
+    def __init__(
+        self, chat: bool, reply_id: str, model: str, created: int, logprobs: bool = False
+    ) -> None:
         self.chat = chat
         self.id = reply_id
         self.model = model
         self.created = created
+        self.logprobs = logprobs  # the request asked: every choice carries a logprobs object
+        self._streamed: dict[int, LogprobsAccumulator] = {}  # per choice, for text offsets
+
+    def accumulator(self) -> LogprobsAccumulator | None:
+        """A fresh per-choice collector when the request asked for log-probs."""
+        return LogprobsAccumulator(self.chat) if self.logprobs else None
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def chunk(
-        self, index: int, text: str, reason: FinishReason | None, *, first: bool = False
+        self,
+        index: int,
+        text: str,
+        reason: FinishReason | None,
+        *,
+        first: bool = False,
+        logprobs: Sequence[TokenLogprob] | None = None,
+        texts: dict[int, str] | None = None,
     ) -> dict[str, Any]:
-        """One streamed event's body (``usage: null`` as OpenAI sends with include_usage)."""
+        """One streamed event's body (``usage: null`` as OpenAI sends with include_usage);
+        ``logprobs`` are this chunk's tokens' (with their ``texts``)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
             if text and not first:
@@ -245,6 +265,9 @@ class Reply:
         else:
             choice = {"index": index, "text": text, "logprobs": None}
             obj = "text_completion"
+        if self.logprobs:
+            acc = self._streamed.setdefault(index, LogprobsAccumulator(self.chat))
+            choice["logprobs"] = acc.json(logprobs or (), texts or {})
         choice["finish_reason"] = finish_reason(reason)
         return {**self._head(obj), "choices": [choice], "usage": None}
 
@@ -260,7 +283,8 @@ class Reply:
             else:
                 body = {"text": c.text}
             reason = finish_reason(c.finish_reason)
-            out.append({"index": index, **body, "logprobs": None, "finish_reason": reason})
+            logprobs = c.logprobs.whole() if c.logprobs is not None else None
+            out.append({"index": index, **body, "logprobs": logprobs, "finish_reason": reason})
         obj = "chat.completion" if self.chat else "text_completion"
         usage = usage_json([c.usage for c in choices], n)
         return {**self._head(obj), "choices": out, "usage": usage}

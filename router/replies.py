@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from common.generation import FinishReason, Usage
+from common.logprobs import TokenLogprob
 from router.api import Chunk, RouteInfo
 from router.detokenizer import IncrementalDetokenizer
 from router.disagg_policy import LOCAL, REMOTE
@@ -63,12 +64,35 @@ async def reply_chunks(
                 usage = Usage(len(prepared.token_ids), completion, cached)
                 metrics.cached_tokens.inc(cached)
             route = _route(delta, semantic_route) if first else None
-            yield Chunk(prepared.request_id, text, delta.token_ids, finish, usage, route)
+            # A migrated stream's later attempt re-prefills prompt + sent tokens: only the
+            # first attempt's prompt log-probs are the prompt's.
+            prompt_logprobs = delta.prompt_logprobs if first else None
+            yield Chunk(
+                prepared.request_id,
+                text,
+                delta.token_ids,
+                finish,
+                usage,
+                route,
+                delta.logprobs,
+                prompt_logprobs,
+                _token_texts(delta.logprobs, decode),
+            )
             first = False
             if finish is not None:
                 return
     finally:
         await deltas.aclose()
+
+
+def _token_texts(
+    logprobs: Sequence[TokenLogprob] | None, decode: Callable[[Sequence[int]], str]
+) -> dict[int, str] | None:
+    """Each token's own text (one id decoded alone), for OpenAI-shaped log-probs."""
+    if not logprobs:
+        return None
+    ids = {lp.token_id for lp in logprobs} | {t for lp in logprobs for t, _ in lp.top}
+    return {token_id: decode([token_id]) for token_id in sorted(ids)}
 
 
 def _route(delta: WorkerDelta, semantic_route: str) -> RouteInfo:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from common.errors import invalid
-from common.sampling import SamplingParams
+from common.sampling import MAX_LOGPROBS, SamplingParams
 from router.api import ChatMessage, GenerateInput, SamplingSpec
 from router.config import LimitsConfig
 from router.tokenizer import ModelTokenizer
@@ -123,6 +123,9 @@ def finalize(
         seed=spec.seed,
         ignore_eos=spec.ignore_eos,
         stop_token_ids=tuple(spec.stop_token_ids),
+        logprobs=spec.logprobs,
+        prompt_logprobs=spec.prompt_logprobs,
+        speculative=spec.speculative,
     )
     return PreparedRequest(request_id, token_ids, sampling, spec.stop)
 
@@ -157,6 +160,8 @@ def _check_sampling(spec: SamplingSpec, limits: LimitsConfig) -> None:
         raise invalid(f"top_p must be in (0, 1] (0 = disabled), got {spec.top_p}")
     if spec.max_tokens < 0 or spec.top_k < 0:
         raise invalid("max_tokens and top_k must be >= 0")
+    if spec.logprobs is not None and not 0 <= spec.logprobs <= MAX_LOGPROBS:
+        raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}] (unset = off), got {spec.logprobs}")
     if len(spec.stop) > limits.max_stop_strings:
         raise invalid(f"too many stop strings: {len(spec.stop)} (limit {limits.max_stop_strings})")
     for stop in spec.stop:

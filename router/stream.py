@@ -43,6 +43,8 @@ import grpc
 
 from common.errors import ErrorCode, RequestError
 from common.generation import FinishReason, Usage
+from common.logprobs import TokenLogprob
+from common.sampling import SamplingParams
 from messages.decode import DecodeJob, PrefillTarget
 from messages.decode_proto import delta_from_proto, job_to_proto
 from messages.grpc_status import retry_after_ms
@@ -71,6 +73,8 @@ class WorkerDelta:
     decision: Decision
     attempts: int
     prefilled_by: str  # first delta: the prefill worker id, "local", or "" if unknown
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # an attempt's first delta
 
 
 class _StreamBroken(Exception):
@@ -132,7 +136,7 @@ class DecodeStreamer:
                     metadata=self._channels.metadata,
                 )
                 async for response in call:
-                    delta = _delta(response, decision, attempts, progress)
+                    delta = _delta(response, decision, attempts, progress, current.sampling)
                     if tokens == 0 and delta.token_ids:
                         self._tracker.first_token(ticket)
                         if progress.failed_at is not None:
@@ -306,9 +310,13 @@ def _decode_request(request: PreparedRequest, decision: Decision) -> worker_pb2.
 
 
 def _delta(
-    response: worker_pb2.DecodeResponse, decision: Decision, attempts: int, progress: Progress
+    response: worker_pb2.DecodeResponse,
+    decision: Decision,
+    attempts: int,
+    progress: Progress,
+    params: SamplingParams | None = None,
 ) -> WorkerDelta:
-    delta = delta_from_proto(response)
+    delta = delta_from_proto(response, params)
     return WorkerDelta(
         token_ids=delta.token_ids,
         finish_reason=delta.finish_reason,
@@ -316,6 +324,8 @@ def _delta(
         decision=decision,
         attempts=attempts,
         prefilled_by=delta.prefilled_by,
+        logprobs=delta.logprobs,
+        prompt_logprobs=delta.prompt_logprobs,
     )
 
 

@@ -173,13 +173,13 @@ def test_errors_have_the_openai_shape(router: RouterProcess, client: openai.Open
     assert "unknown model" in missing.value.body["message"]
     assert missing.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as logprobs:
-        client.completions.create(model="", prompt="Hi", logprobs=2)
+        client.completions.create(model="", prompt="Hi", logprobs=21)
     assert (
         "logprobs" in logprobs.value.body["message"] and logprobs.value.body["param"] == "logprobs"
     )
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model="", messages=[{"role": "user", "content": "Hi"}], logprobs=True, stream=True
+            model="", messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=-1
         )
     with pytest.raises(openai.BadRequestError) as too_long:
         client.completions.create(model="", prompt="Hi", max_tokens=10**6)

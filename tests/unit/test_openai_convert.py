@@ -50,7 +50,7 @@ def test_chat_messages_parts_and_the_newer_token_limit() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": "x", "logprobs": 1}, "logprobs"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ],
@@ -62,12 +62,16 @@ def test_unsupported_parameters_are_refused_by_name(body: dict, param: str) -> N
     assert reply.status == 400 and reply.body["error"]["param"] == param
 
 
-def test_chat_logprobs_refused_and_bad_values_are_400_with_the_param() -> None:
+def test_chat_top_logprobs_need_logprobs_and_bad_values_are_400_with_the_param() -> None:
     messages = [{"role": "user", "content": "x"}]
-    for extra in ({"logprobs": True}, {"top_logprobs": 2}):
-        with pytest.raises(RequestError, match="not supported yet"):
-            oc.parse_chat({"messages": messages, **extra}, "c")
-    for bad, param in (({"temperature": -1}, "temperature"), ({"n": 0}, "n")):
+    with pytest.raises(RequestError, match="requires logprobs"):
+        oc.parse_chat({"messages": messages, "top_logprobs": 2}, "c")
+    bads = (
+        ({"temperature": -1}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+    )
+    for bad, param in bads:
         with pytest.raises(ValidationError) as info:
             oc.parse_chat({"messages": messages, **bad}, "c")
         reply = oc.validation_error_reply(info.value)
