@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--seed", type=int, default=None)
         command.add_argument("--stop", action="append", default=[], help="stop string")
         command.add_argument("--system", default=None, help="system message (chat)")
+        command.add_argument(
+            "--logprobs",
+            type=int,
+            default=None,
+            metavar="K",
+            help="print each token's log-prob and K alternatives (0..20) to stderr",
+        )
         command.add_argument("--timeout", type=float, default=None, help="deadline, seconds")
         command.add_argument("--api-key", default=None, help="API key (default $PDSERVE_API_KEY)")
         command.add_argument("--tls-ca-file", default=None, help="TLS router: the CA to trust")
@@ -153,6 +160,7 @@ def _stream(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         system=args.system,
+        logprobs=args.logprobs,
     )
 
 
@@ -166,6 +174,7 @@ def _generate_locally(args: argparse.Namespace) -> int:
         top_p=args.top_p or 1.0,
         top_k=args.top_k,
         seed=args.seed,
+        logprobs=args.logprobs,
     )
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -173,6 +182,10 @@ def _generate_locally(args: argparse.Namespace) -> int:
     else:
         output = llm.generate(args.prompt, params)[0]
     print(output.text)
+    if output.logprobs:
+        from router.client import describe_logprobs
+
+        print(describe_logprobs(output.logprobs), file=sys.stderr)
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import TextIO
 import grpc
 
 from common.generation import Usage
+from common.logprobs import TokenLogprob
 from proto import serving_pb2, serving_pb2_grpc
 from router import api_proto
 from router.api import ChatMessage, GenerateInput, ModelCard, RouteInfo, SamplingSpec
@@ -137,6 +138,7 @@ class StreamResult:
     route: RouteInfo | None
     ttft_s: float | None
     total_s: float
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked
 
 
 def collect(
@@ -147,6 +149,7 @@ def collect(
     ttft: float | None = None
     parts: list[str] = []
     ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
     finish, usage, route = "", None, None
     for response in responses:
         if ttft is None:
@@ -160,13 +163,24 @@ def collect(
                 out.write(chunk.text)
                 out.flush()
         ids.extend(chunk.token_ids)
+        logprobs.extend(chunk.logprobs or ())
         if chunk.finish_reason is not None:
             finish = chunk.finish_reason.value
         if chunk.usage is not None:
             usage = chunk.usage
+    elapsed = time.monotonic() - start
     return StreamResult(
-        "".join(parts), tuple(ids), finish, usage, route, ttft, time.monotonic() - start
+        "".join(parts), tuple(ids), finish, usage, route, ttft, elapsed, tuple(logprobs)
     )
+
+
+def describe_logprobs(logprobs: Sequence[TokenLogprob]) -> str:
+    """One line per generated token: its id, log-prob and the alternatives asked for."""
+    lines = []
+    for i, entry in enumerate(logprobs):
+        top = " ".join(f"{tid}:{lp:.3f}" for tid, lp in entry.top)
+        lines.append(f"{i:4d} id={entry.token_id} logprob={entry.logprob:.4f}  top {top}")
+    return "\n".join(lines)
 
 
 def describe(result: StreamResult) -> str:
@@ -202,7 +216,7 @@ def run(
     """Stream a reply to the terminal; returns a process exit code (0 ok, 1 error).
 
     ``options`` are :func:`build_request` keywords (model, max_tokens, temperature, top_p,
-    top_k, seed, stop, ignore_eos, system, request_id). The text goes to ``out``; the
+    top_k, seed, stop, ignore_eos, system, request_id, logprobs). The text goes to ``out``; the
     summary line (``verbose``) and errors (``error: CODE: message``) go to ``err``.
     """
     request = build_request(prompt, chat=chat, **options)  # type: ignore[arg-type]
@@ -218,5 +232,7 @@ def run(
         return 130
     out.write("\n")
     if verbose:
+        if result.logprobs:
+            err.write(describe_logprobs(result.logprobs) + "\n")
         err.write(describe(result) + "\n")
     return 0

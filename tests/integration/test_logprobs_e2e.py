@@ -8,6 +8,7 @@ worker; the rest from the decode worker. All must equal the single fp32 engine's
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import grpc
@@ -17,7 +18,7 @@ import pytest
 from common.server_process import RouterProcess
 from engine import SamplingParams
 from proto import serving_pb2, worker_pb2, worker_pb2_grpc
-from router.client import build_request, stream_generate
+from router.client import build_request, run, stream_generate
 from tests.integration.workers_cluster import (  # noqa: F401
     NAMESPACE,
     Cluster,
@@ -91,6 +92,15 @@ def test_grpc_logprobs_equal_the_single_engine(router: RouterProcess) -> None:
         assert not any(r.prompt_logprobs for r in replies[1:])
         assert [p.token_id for p in prompt] == ids[1:]
         assert _close([p.logprob for p in prompt], [lp.logprob for lp in want.prompt_logprobs])
+
+
+def test_cli_client_prints_one_logprob_line_per_token(router: RouterProcess) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(router.address, TEXTS[0], chat=False, out=out, err=err, max_tokens=4, logprobs=2)
+    assert code == 0, err.getvalue()
+    lines = [line for line in err.getvalue().splitlines() if "logprob=" in line]
+    assert len(lines) == 4 and all(line.count(":") == 2 for line in lines)
+    assert "finish=length" in err.getvalue()
 
 
 def test_unasked_requests_carry_no_logprobs(router: RouterProcess) -> None:
