@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GLOO_SOCKET_IFNAME := lo
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup serve test lint bench bench-peers bench-kv bench-alloc bench-spec bench-disagg bench-router bench-migration bench-e2e bench-all proto clean redis model
+.PHONY: setup serve test lint bench bench-peers bench-kv bench-alloc bench-spec bench-quant bench-disagg bench-router bench-migration bench-e2e bench-all proto clean redis model
 
 setup: $(STAMP) model redis
 
@@ -44,7 +44,7 @@ test: setup
 # decode against eager. Under 8 minutes on one GPU.
 .PHONY: test-gpu
 test-gpu: setup
-	$(BIN)/python -m pytest tests/gpu tests/unit/test_triton_ops.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/gpu tests/unit/test_triton_ops.py tests/unit/test_kv_quant_triton.py tests/unit/test_quantization_triton.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -68,9 +68,17 @@ bench-kv: setup
 bench-alloc: setup
 	$(BIN)/python -m benchmarks.allocator $(BENCH_ARGS)
 
-# Speculative decoding (n-gram) on vs off, batch-1 greedy tokens/s.
+# Speculative decoding on vs off, batch-1 tokens/s: n-gram, and a draft model (a
+# self-draft: the default model's first 29 of 30 layers, written by tests/draft_model.py).
+SPEC_DRAFT := .cache/self-draft-29
 bench-spec: setup
-	$(BIN)/python -m benchmarks.speculative $(BENCH_ARGS)
+	$(BIN)/python -m tests.draft_model $(SPEC_DRAFT) --num-layers 29
+	$(BIN)/python -m benchmarks.speculative --draft-model $(SPEC_DRAFT) $(BENCH_ARGS)
+
+# Weight-only int8 vs unquantized: decode tokens/s at batch 1 and 32 in bf16 and fp32, plus
+# the kernel micro-benchmark at the model's shapes (benchmarks/README.md).
+bench-quant: setup
+	$(BIN)/python -m benchmarks.quantization $(BENCH_ARGS)
 
 # The suite's disagg scenario, plus colocated with a 256-token step budget (~10 min).
 bench-disagg: setup
@@ -83,6 +91,20 @@ bench-router: setup
 # kill -9 a decode worker under streams: time to each migrated stream's next token (~2 min).
 bench-migration: setup
 	$(BIN)/python -m benchmarks.migration $(BENCH_ARGS)
+
+# Simulated vs real (`pdserve simulate` vs `pdserve bench run`), four layouts, after
+# `pdserve profile` (~10 min; benchmarks/README.md "Capacity planner accuracy").
+.PHONY: bench-capacity
+bench-capacity: setup
+	$(BIN)/python -m benchmarks.capacity_accuracy $(BENCH_ARGS)
+
+# `pdserve plan` at fleet scale: a ~1,000-GPU plan over one simulated hour (goal < 2 min),
+# events/s, and the sub-fleet approximation's error; DistServe's disagg-vs-colocated shape
+# as SLOs tighten (benchmarks/README.md "Capacity planner: scale" / "...: DistServe shape").
+.PHONY: bench-plan
+bench-plan: setup
+	$(BIN)/python -m benchmarks.capacity_scale $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.distserve_shape $(BENCH_ARGS)
 
 # End-to-end suite: disagg vs colocated, routing policies, vs `transformers serve` (~15 min).
 bench-e2e: setup

@@ -45,8 +45,13 @@ How long the engine's runs stay under churn, and what that costs in prefix hits,
 Layer-wise overlap, 1k-token prompt, realistic ids, per order (:mod:`benchmarks._kv_overlap`):
 the share of the transfer hidden behind a per-layer compute proxy. Goal: hidden >= 70 %.
 
-Run: ``python -m benchmarks.kv_transfer [--quick] [--chunk-mib N] [--depth N]
-[--direct-kib N] [--out PATH]`` (``make bench-kv``). Results:
+KV dtype (:mod:`benchmarks._kv_dtype`): a 4k-token prompt's KV, whole mode, per KV cache
+dtype — bf16, fp8, int8 (``kv_cache_dtype``; quantized rows carry their scale) and fp32 —
+bytes, wall time and both as a share of bf16's. Goal: fp8 <= 0.55x of bf16 in bytes and
+time. ``--kv-dtype-only`` runs just this table.
+
+Run: ``python -m benchmarks.kv_transfer [--quick] [--kv-dtype-only] [--chunk-mib N]
+[--depth N] [--direct-kib N] [--out PATH]`` (``make bench-kv``). Results:
 ``benchmarks/results/kv_transfer.json`` (``_quick`` suffix). The bandwidth cases are
 :mod:`benchmarks._kv_bandwidth`.
 """
@@ -58,6 +63,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import _kv_dtype
 from benchmarks._common import announce, bench_parser, print_table, save, use_checkout_defaults
 from benchmarks._kv_bandwidth import IDS, MIB, bandwidth, cases
 from benchmarks._kv_overlap import overlap
@@ -130,12 +136,34 @@ def report(rows: list[dict[str, Any]], lws: dict[str, dict[str, Any]]) -> dict:
     }
 
 
+def report_dtypes(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The KV-dtype table and its goal line."""
+    print_table(
+        ["KV dtype", "MiB", "ms", "GB/s", "bytes vs bf16", "time vs bf16"],
+        [
+            [r["kv_dtype"], r["mib"], r["ms"], r["gbps"], r["bytes_vs_bf16"], r["time_vs_bf16"]]
+            for r in rows
+        ],
+        title=f"KV dtype: a {_kv_dtype.PROMPT_TOKENS}-token prompt's KV, whole mode, "
+        "layer-first, medians",
+    )
+    result = _kv_dtype.goal(rows)
+    print(
+        f"goal fp8 <= {_kv_dtype.GOAL}x of bf16: bytes {result['fp8_bytes_vs_bf16']:.3f}x, "
+        f"time {result['fp8_time_vs_bf16']:.3f}x -> {'PASS' if result['pass'] else 'MISS'}"
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, quick="fewer reps, one overlap run")
     parser.add_argument("--chunk-mib", type=float, default=None, help="frame payload size")
     parser.add_argument("--depth", type=int, default=None, help="frames in flight per pair")
     parser.add_argument(
         "--direct-kib", type=float, default=None, help="smallest piece sent in place"
+    )
+    parser.add_argument(
+        "--kv-dtype-only", action="store_true", help="only the KV-dtype table (4k-token prompt)"
     )
     args = parser.parse_args(argv)
     use_checkout_defaults()
@@ -153,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     context = announce()
+    dtype_reps = 3 if args.quick else 9
+    if args.kv_dtype_only:
+        dtype_rows = _kv_dtype.measure(config, dtype_reps)
+        payload = {**context, "kv_dtype": dtype_rows, "goals": report_dtypes(dtype_rows)}
+        save("kv_transfer_dtype", payload, args)
+        return 0
     bench = Bench(config)
 
     # Medians of enough reps that one burst of load on the shared 2-core box cannot move
@@ -176,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         lws[order] = overlap(bench, order, k1[f"{order}_realistic_s"], 1 if args.quick else 2)
     goals = report(rows, lws)
     bench.close()
+    print("  KV dtype (4k-token prompt)...", flush=True)
+    dtype_rows = _kv_dtype.measure(config, dtype_reps)
+    goals["kv_dtype"] = report_dtypes(dtype_rows)
     payload = {
         **context,
         "chunk_bytes": config.chunk_bytes,
@@ -187,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "realistic_warmup_requests": WARMUP,
         "bandwidth": rows,
         "layerwise": lws,
+        "kv_dtype": dtype_rows,
         "goals": goals,
     }
     save("kv_transfer", payload, args)

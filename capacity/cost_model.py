@@ -15,6 +15,12 @@ calls them millions of times. Rules, the same for both step grids:
   Measure a grid that covers the workload: far extrapolation is a guess.
 
 Transfers use the profile's fit, ``latency + bytes / bandwidth``.
+
+Worker overheads: a profile measured with ``pdserve profile --e2e`` also has
+``overheads["prefill_step_overhead_s"]`` / ``["decode_step_overhead_s"]`` — what a real
+1P+1D stack spends per step beyond the engine's step (worker loops, KV handshake and
+landing, streaming; capacity/measure_e2e.py). They are added to every prefill / decode
+step here, so the simulator charges them without knowing about them; absent, they are 0.
 """
 
 from __future__ import annotations
@@ -83,20 +89,35 @@ class CostModel:
         self._inv_bandwidth = 1.0 / profile.transfer.bandwidth_bytes_per_s
         self._kv_bytes_per_token = profile.kv_bytes_per_token
         self._router_s = profile.router_decision_s
+        self._prefill_extra = profile.overheads.get("prefill_step_overhead_s", 0.0)
+        self._decode_extra = profile.overheads.get("decode_step_overhead_s", 0.0)
 
     def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
         """Seconds for one prefill step computing ``new_tokens`` (the whole batch's), with
         ``cached_tokens`` of already-cached context attended."""
         if new_tokens <= 0:
             return 0.0
-        return self._prefill(new_tokens, cached_tokens)
+        return self._prefill(new_tokens, cached_tokens) + self._prefill_extra
 
     def decode_step_s(self, batch_size: int, total_context: int) -> float:
         """Seconds for one decode step of ``batch_size`` sequences holding
         ``total_context`` tokens of KV between them."""
         if batch_size <= 0:
             return 0.0
-        return self._decode(batch_size, total_context)
+        return self._decode(batch_size, total_context) + self._decode_extra
+
+    def mixed_step_s(
+        self, new_tokens: int, cached_tokens: int, batch_size: int, total_context: int
+    ) -> float:
+        """Seconds for one engine step that prefills ``new_tokens`` and decodes
+        ``batch_size`` sequences together (colocated workers, local prefill): the two
+        tables' costs, with the per-step worker overhead paid once, since it is one
+        forward pass."""
+        prefill = self.prefill_s(new_tokens, cached_tokens)
+        decode = self.decode_step_s(batch_size, total_context)
+        if prefill and decode:
+            return prefill + decode - min(self._prefill_extra, self._decode_extra)
+        return prefill + decode
 
     def transfer_s(self, num_bytes: int) -> float:
         """Seconds to move ``num_bytes`` of KV from a prefill to a decode replica."""

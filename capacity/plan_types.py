@@ -70,6 +70,15 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Guess:
+    """Where the search starts: replica counts an analytic estimate expects to suffice."""
+
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 1
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One simulation of a candidate."""
 
@@ -80,6 +89,8 @@ class Outcome:
     ttft_p90_s: float | None
     tpot_p90_s: float | None
     requests: int
+    ttft_attainment: float | None = None  # share meeting the TTFT part alone (None: unknown)
+    tpot_attainment: float | None = None  # share meeting the TPOT part alone
     events: int = 0
     wall_s: float = 0.0
     timeline: tuple[tuple[float, int], ...] = field(default=(), compare=False)  # (t, GPUs)

@@ -7,6 +7,10 @@ up to simulation noise), which gives:
 - :func:`min_true`: the smallest integer in [low, high] where a monotone predicate holds,
   by exponential probing from ``low`` then bisection: O(log n) simulations, and the probes
   stay near small (cheap to simulate) counts.
+- :func:`min_true_near`: the same threshold, starting from a guess (an analytic estimate):
+  probe outward from the guess in doubling (or unit) steps until the predicate flips,
+  then bisect; :func:`bracket` is the same search as a coroutine.
+  A guess within k of the answer costs O(log k) simulations instead of O(log n).
 - :func:`minimize`: the minimum of an integer function over [low, high], coarse to fine:
   evaluate a grid of ``points`` (in one batch, so a process pool can run it in parallel),
   then shrink the interval around the best point and repeat until the step is 1. For
@@ -18,7 +22,7 @@ Everything here is deterministic and simulator-free (unit-tested with plain func
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 Batch = Callable[[Sequence[int]], Sequence[float | None]]  # None: infeasible point
 
@@ -37,6 +41,58 @@ def min_true(pred: Callable[[int], bool], low: int, high: int) -> int | None:
     while lo < hi:
         mid = (lo + hi) // 2
         if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def min_true_near(
+    pred: Callable[[int], bool], guess: int, low: int, high: int, grow: int = 2
+) -> int | None:
+    """:func:`min_true` bracketed from ``guess`` (clamped to [low, high]) outward."""
+    steps = bracket(guess, low, high, grow)
+    try:
+        probe = next(steps)
+        while True:
+            probe = steps.send(pred(probe))
+    except StopIteration as done:
+        return done.value
+
+
+def bracket(guess: int, low: int, high: int, grow: int = 2) -> Generator[int, bool, int | None]:
+    """:func:`min_true_near` as a coroutine: yields each probe, is sent whether the
+    predicate holds there, and returns the threshold (None if none). Two of them driven
+    in lock-step search two pools with one simulation per step (capacity/plan.py).
+    The outward steps grow ``grow``-fold (2: doubling; 1: a linear walk, for a guess
+    known to be within a step or two)."""
+    if low > high:
+        return None
+    probe = max(low, min(high, guess))
+    step = 1
+    if (yield probe):  # walk down until it fails (or low holds)
+        hi = probe
+        while hi > low:
+            probe = max(low, hi - step)
+            if not (yield probe):
+                break
+            hi, step = probe, step * grow
+        else:
+            return low
+        lo = probe + 1
+    else:  # walk up until it holds (or high fails)
+        lo = probe + 1
+        while True:
+            if lo > high:
+                return None
+            probe = min(high, lo + step - 1)
+            if (yield probe):
+                break
+            lo, step = probe + 1, step * grow
+        hi = probe
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if (yield mid):
             hi = mid
         else:
             lo = mid + 1

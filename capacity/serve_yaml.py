@@ -6,7 +6,10 @@ options, resources, health checks, Serve's delays. The planner sets only
 
 - ``args.workers``: ``[prefill, decode]`` or ``[colocated]``;
 - per worker deployment: ``num_replicas`` (fixed) or ``autoscaling_config`` with
-  ``min_replicas`` / ``max_replicas`` and the policy targets (``policy_kwargs``).
+  ``min_replicas`` / ``max_replicas`` and the policy targets (``policy_kwargs``);
+- the router pools' overload gate (``max_in_flight`` / ``max_queued``), raised to the
+  decode slots the fleet has (decode replicas at the peak × ``max_num_seqs``): the
+  default 256 streams would otherwise cap a large fleet at the router, not the GPUs.
 
 A colocated ``Worker`` deployment is derived from the base's DecodeWorker entry (it
 decodes, and it is scaled by ``deploy.autoscaling:decode_policy``). The result is checked
@@ -27,6 +30,7 @@ from deploy.serve_config import DEFAULT_CONFIG, IMPORT_PATH, ServeConfig
 GPU_CONFIG = DEFAULT_CONFIG.with_name("serve-gpu.yaml")
 _PREFILL, _DECODE, _COLOCATED = "PrefillWorker", "DecodeWorker", "Worker"
 _DECODE_POLICY = "deploy.autoscaling:decode_policy"
+_ENGINE_MAX_SEQS = 64  # engine/config.py's default max_num_seqs
 
 
 def default_base(hardware: str) -> Path:
@@ -57,6 +61,7 @@ def candidate_config(candidate: Candidate, base: str | Path = GPU_CONFIG) -> Ser
                 raise ValueError(f"{base}: the base config has no {name} deployment")
             _set_count(entries[name], count, scaling)
         app["deployments"] = [e for e in app["deployments"] if e.get("name") != _COLOCATED]
+    _size_router(app, candidate, decode_entry)
     config = ServeConfig(data)
     config.check()
     return config
@@ -77,6 +82,17 @@ def _app(data: dict[str, Any]) -> dict[str, Any]:
             app.setdefault("deployments", [])
             return app
     raise ValueError(f"the base config has no application with import_path {IMPORT_PATH}")
+
+
+def _size_router(app: dict[str, Any], candidate: Candidate, decode: dict[str, Any]) -> None:
+    """Raise each router pool's gate to the fleet's decode slots (never lower it)."""
+    engine = (decode.get("user_config") or {}).get("engine") or {}
+    seqs = int(engine.get("max_num_seqs", _ENGINE_MAX_SEQS))
+    replicas = candidate.decode or candidate.prefill  # colocated workers decode too
+    slots = replicas * seqs
+    for pool in (app["args"].get("router") or {}).get("pools") or []:
+        pool["max_in_flight"] = max(int(pool.get("max_in_flight", 256)), slots)
+        pool["max_queued"] = max(int(pool.get("max_queued", 512)), slots)
 
 
 def _set_count(entry: dict[str, Any], count: int, scaling: Autoscale | None) -> None:

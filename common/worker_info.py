@@ -23,10 +23,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from common.kv_compat import LAYER_FIRST, KVCompat
-
-# Element sizes of the KV cache dtypes the engine supports, for capacity arithmetic.
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+from common.kv_compat import KV_DTYPES, LAYER_FIRST, KVCompat, row_bytes
 
 
 class WorkerRole(StrEnum):
@@ -45,8 +42,8 @@ class BlockGeometry(KVCompat):
     num_blocks: int  # capacity of this worker's cache (may differ between workers)
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPE_BYTES:
-            raise ValueError(f"unknown KV dtype {self.dtype!r}; known: {sorted(_DTYPE_BYTES)}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"unknown KV dtype {self.dtype!r}; known: {sorted(KV_DTYPES)}")
         for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -55,9 +52,9 @@ class BlockGeometry(KVCompat):
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block, K and V over all layers."""
-        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim
-        return per_token * self.block_size * _DTYPE_BYTES[self.dtype]
+        """Bytes of one block, K and V over all layers (quantized rows carry their scale)."""
+        rows = 2 * self.num_layers * self.num_kv_heads * self.block_size
+        return rows * row_bytes(self.dtype, self.head_dim)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

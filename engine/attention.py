@@ -9,9 +9,11 @@ Backends: a torch reference (CPU, and any device) built on ``scaled_dot_product_
 on CUDA, decode rows use the Triton paged-attention kernel instead.
 
 Quantized caches (``EngineConfig.kv_cache_dtype`` fp8 / int8, engine/kv_quant.py): new K/V
-rows are quantized as they are written; reads dequantize the gathered blocks (torch path, on
-every device for now: there is no quantized Triton kernel yet). A prefill chunk with
-no cached prefix attends over its own fresh, unquantized K/V.
+rows are quantized as they are written. The torch path dequantizes the gathered blocks; on
+CUDA, decode rows use the quantized Triton kernel (engine/triton_kv_quant.py), which
+dequantizes as it loads, and prefill chunks with a cached prefix take the torch path. A
+prefill chunk with no cached prefix attends over its own fresh, unquantized K/V (so a
+prompt computed in one chunk never reads the quantized cache; later chunks and decodes do).
 """
 
 from __future__ import annotations
@@ -135,11 +137,12 @@ def _prefill(
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch, scale: float
 ) -> torch.Tensor:
-    # No quantized Triton kernel yet: quantized caches take the torch path on CUDA too.
-    if q.is_cuda and not kv_quant.kind_of(k_cache):
-        from engine import triton_ops
-
-        return triton_ops.paged_decode_attention(
+    if q.is_cuda:
+        if kv_quant.kind_of(k_cache):  # dequantizes K/V as it loads them
+            from engine import triton_kv_quant as kernels
+        else:
+            from engine import triton_ops as kernels
+        return kernels.paged_decode_attention(
             q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale
         )
     rows, heads, dim = q.shape

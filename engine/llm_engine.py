@@ -38,6 +38,7 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.speculative import SpeculativeStats
 from engine.speculative.build import build_speculator
+from engine.speculative.draft_load import DraftTarget
 
 StepLayerHook = Callable[[int, SchedulerOutput], None]
 
@@ -58,14 +59,19 @@ class LLMEngine:
         self.layout = _kv_layout(config, self.model_config, self.max_model_len)
         device = torch.device(config.device)
         self.model = load_model(
-            self.model_config, source.path, self.max_model_len, torch_dtype(config.dtype), device
+            self.model_config,
+            source.path,
+            self.max_model_len,
+            torch_dtype(config.dtype),
+            device,
+            config.quantization,
         )
         self.tokenizer = _load_tokenizer(source.path)
         self.kv_cache = KVCache(self.layout, device)
         self.block_manager = BlockManager(
             self.layout.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.speculator = build_speculator(config, self.model_config)  # None: off
+        self.speculator = build_speculator(config, self._draft_target())  # None: off
         self.scheduler = Scheduler(
             config,
             self.block_manager,
@@ -77,6 +83,21 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self._graphs())
         self._arrivals = itertools.count()
         self._live: dict[str, Sequence] = {}
+
+    def _draft_target(self) -> DraftTarget:
+        """What a draft model must match (engine/speculative/draft_load.py)."""
+        config = self.config
+        return DraftTarget(
+            self.model_config,
+            self.tokenizer,
+            self.max_model_len,
+            self.layout.num_blocks,
+            config.block_size,
+            config.dtype,
+            config.device,
+            config.max_num_batched_tokens,
+            config.quantization,
+        )
 
     def _graphs(self) -> CudaGraphDecoder | None:
         if self.kv_cache.device.type != "cuda" or not self.config.cuda_graphs:

@@ -20,6 +20,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig
 from engine.model_loader import ModelLoadError
+from engine.quantization import quantize_model
 from engine.rope import RotaryEmbedding
 
 LayerHook = Callable[[int], None]  # called after each layer (layer-wise KV transfer)
@@ -136,17 +137,27 @@ class DecoderModel(nn.Module):
 
 
 def load_model(
-    cfg: ModelConfig, path: Path, max_positions: int, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    path: Path,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str = "none",
 ) -> DecoderModel:
     """Build the model on the meta device (no random init), then adopt the checkpoint's
-    tensors. Tied embeddings stay one tensor."""
+    tensors. Tied embeddings stay one tensor. ``quantization`` (engine/quantization.py)
+    then swaps the linear layers, fused qkv / gate-up included, for quantized ones."""
     rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions, dtype, device)
     with torch.device("meta"):
         model = DecoderModel(cfg, rope)
     result = model.load_state_dict(_read_weights(path, cfg), strict=False, assign=True)
     if result.missing_keys:
         raise ModelLoadError(f"checkpoint {str(path)!r} lacks weights: {result.missing_keys[:5]}")
-    return model.to(device=device, dtype=dtype).eval()
+    tied = model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    model = model.to(device=device, dtype=dtype).eval()
+    if tied:  # .to() converts the two parameters separately: keep one copy
+        model.lm_head.weight = model.embed_tokens.weight
+    return quantize_model(model, quantization)
 
 
 def _read_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -35,9 +35,11 @@ class Sampler:
 
     def _sample_row(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> int:
         probs = filtered_probs(logits.float().cpu(), p)
-        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p)))
+        return int(torch.multinomial(probs, 1, generator=self.generator(request_id, p)))
 
-    def _generator(self, request_id: str, p: SamplingParams) -> torch.Generator:
+    def generator(self, request_id: str, p: SamplingParams) -> torch.Generator:
+        """The random stream a request's draws come from: its own when it has a seed (so
+        speculative verification continues the same stream), else the shared one."""
         if p.seed is None:
             return self._shared
         if request_id not in self._seeded:

@@ -38,13 +38,7 @@ def add_parser(commands: Any) -> None:
     run = sub.add_parser("run", help="drive one running server with one workload")
     run.add_argument("--target", required=True, help="grpc://HOST:PORT or http://HOST:PORT")
     run.add_argument("--model", default="", help="pool (gRPC) or model field (HTTP)")
-    run.add_argument("--workload", choices=WORKLOAD_KINDS, default="sharegpt")
-    for name in _WORKLOAD_FLAGS:
-        run.add_argument(f"--{name.replace('_', '-')}", dest=f"w_{name}", type=_number(name))
-    run.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
-    run.add_argument("--concurrency", type=int, default=4, help="closed loop (default 4)")
-    run.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
-    run.add_argument("--max-duration", type=float, default=300.0, help="no start after (s)")
+    add_workload_args(run)
     run.add_argument("--drain", type=float, default=120.0, help="then wait this long (s)")
     run.add_argument("--request-timeout", type=float, default=300.0)
     run.add_argument(
@@ -54,12 +48,7 @@ def add_parser(commands: Any) -> None:
         help="generate max tokens past EOS (default: on for grpc://, off for http:// since "
         "only some OpenAI servers know the field)",
     )
-    run.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    run.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    run.add_argument("--slo-max-itl-ms", type=float, default=None)
-    run.add_argument(
-        "--slo-ttft-ms-per-1k", type=float, default=0.0, help="TTFT allowance per 1k prompt tokens"
-    )
+    add_slo_args(run)
     run.add_argument("--label", default="", help="name of this run in the report")
     run.add_argument("--model-dir", default=None, help="tokenizer dir (default: the model)")
     run.add_argument("--out", type=Path, default=None)
@@ -82,6 +71,34 @@ def add_parser(commands: Any) -> None:
     report.add_argument("results", type=Path)
     report.add_argument("--out", type=Path, default=None)
     report.set_defaults(handler=_report)
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload and load flags of ``bench run`` (``pdserve simulate`` shares them)."""
+    parser.add_argument("--workload", choices=WORKLOAD_KINDS, default="sharegpt")
+    for name in _WORKLOAD_FLAGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"w_{name}", type=_number(name))
+    parser.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    parser.add_argument("--concurrency", type=int, default=4, help="closed loop (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
+    parser.add_argument("--max-duration", type=float, default=300.0, help="no start after (s)")
+
+
+def add_slo_args(parser: argparse.ArgumentParser) -> None:
+    """The SLO flags of ``bench run`` (``pdserve simulate`` shares them)."""
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    parser.add_argument("--slo-max-itl-ms", type=float, default=None)
+    parser.add_argument(
+        "--slo-ttft-ms-per-1k", type=float, default=0.0, help="TTFT allowance per 1k prompt tokens"
+    )
+
+
+def slo_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`loadgen.summary.Slo` of :func:`add_slo_args`' flags."""
+    from loadgen.summary import Slo
+
+    return Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_max_itl_ms, args.slo_ttft_ms_per_1k)
 
 
 def _scenarios() -> tuple[str, ...]:

@@ -1,34 +1,31 @@
-"""Discrete-event simulator of a pdserve cluster (being built; see capacity_api contract).
+"""Discrete-event simulator of a pdserve cluster (issue 17; contract: the capacity API).
 
-Only the request type is in place so far: :class:`SimRequest`, what a workload or a trace
-file (:mod:`capacity.trace`) becomes before it is simulated. ``simulate()``,
-``SimConfig`` and ``SimResult`` are not built yet.
+    config = sim_config_from_serve("deploy/serve.yaml")
+    result = simulate(config, Profile.load(path), requests, seed=0)
+    result.run_entry("label", slo)        # one results.json run, bench-run schema
+
+Modules, one noun each: :mod:`~capacity.sim.request` (SimRequest), :mod:`.config`
+(SimConfig from a Serve YAML), :mod:`.events` (the loop), :mod:`.blocks` (a replica's
+block pool + prefix cache), :mod:`.steps` (decode runs in closed form), :mod:`.replica`
+(one engine), :mod:`.router` (the real router code over simulated replicas),
+:mod:`.autoscale` (the real Serve policies, Serve's delays), :mod:`.cluster` (wiring and
+the request lifecycle), :mod:`.result` (records and results.json), :mod:`.run`
+(``simulate``). Torch-free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from capacity.sim.config import SimConfig, sim_config_from_serve
+from capacity.sim.options import SimOptions
+from capacity.sim.request import SimRequest
+from capacity.sim.result import SimResult
+from capacity.sim.run import simulate
 
-
-@dataclass(frozen=True, slots=True)
-class SimRequest:
-    """One request to simulate: when it arrives, its sizes and its prompt's block hashes."""
-
-    request_id: str
-    arrival_s: float  # seconds from the start of the run
-    prompt_tokens: int
-    output_tokens: int
-    block_hashes: tuple[int, ...] = ()  # the prompt's full-block hash chain (common.hashing)
-    priority: int = 0
-    client_id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.request_id:
-            raise ValueError("request_id must be non-empty")
-        if self.arrival_s < 0:
-            raise ValueError(f"{self.request_id}: arrival_s must be >= 0, got {self.arrival_s}")
-        if self.prompt_tokens < 1 or self.output_tokens < 1:
-            raise ValueError(f"{self.request_id}: prompt_tokens and output_tokens must be >= 1")
-
-
-__all__ = ["SimRequest"]
+__all__ = [
+    "SimConfig",
+    "SimOptions",
+    "SimRequest",
+    "SimResult",
+    "sim_config_from_serve",
+    "simulate",
+]

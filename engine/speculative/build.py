@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.model_loader import ModelLoadError
 from engine.speculative.speculator import Speculator
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.model_config import ModelConfig
+    from engine.speculative.draft_load import DraftTarget
 
 
-def build_speculator(config: EngineConfig, target: ModelConfig) -> Speculator | None:
+def build_speculator(config: EngineConfig, target: DraftTarget) -> Speculator | None:
     """The configured speculator; raises ModelLoadError for an unusable draft model."""
     method = config.speculative_method
     if method == "none":
@@ -21,8 +20,9 @@ def build_speculator(config: EngineConfig, target: ModelConfig) -> Speculator | 
         return Speculator.ngram(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
         )
-    # Draft-model drafting is not built yet: refuse it clearly rather than run without it.
-    raise ModelLoadError(
-        f"speculative_method={method!r} (draft model {config.draft_model!r}) is not "
-        "supported yet; use 'ngram'"
-    )
+    from engine.speculative.draft_load import load_draft  # loads torch models: only if used
+
+    if config.draft_model is None:  # EngineConfig rejects this; keep the type checker honest
+        raise ValueError("speculative_method='draft' needs draft_model")
+    proposer = load_draft(config.draft_model, target)
+    return Speculator(config.num_speculative_tokens, proposer, proposer.forget)

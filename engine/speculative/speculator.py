@@ -3,9 +3,11 @@
 The scheduler asks :meth:`Speculator.propose` for each running sequence that has exactly
 one token left to compute (a decode). A sequence speculates unless the request opted out
 (``SamplingParams.speculative=False``), asked for ``logprobs`` (those are reported per
-sampled token, so such requests simply decode plainly), or fell back (see
+sampled token, so such requests simply decode plainly), or is paused after a fallback; the
+tracker also picks how many drafts it proposes (adaptive k; see
 :mod:`engine.speculative.tracker`). The number of drafts is capped by the caller so that
-accepting all of them could not overrun ``max_tokens`` or the context length.
+accepting all of them could not overrun ``max_tokens`` or the context length. A proposer
+that finds nothing (no n-gram match) returns [] and the step is a plain decode.
 """
 
 from __future__ import annotations
@@ -40,23 +42,26 @@ class Speculator:
 
         return cls(k, propose)
 
-    def wants(self, seq: Sequence) -> bool:
-        params = seq.params
-        return (
-            params.speculative is not False
-            and params.logprobs is None
-            and self.tracker.enabled(seq.request_id)
-        )
-
     def propose(self, seq: Sequence, limit: int) -> list[int]:
-        """At most ``min(k, limit)`` draft tokens for ``seq``; [] to decode plainly."""
-        limit = min(self.k, limit)
-        if limit < 1 or not self.wants(seq):
+        """At most ``min(k, limit)`` draft tokens for ``seq``; [] to decode plainly.
+
+        Called once per decode step of each running sequence: a paused (fallen back)
+        request counts its pause down here; the tracker picks the request's draft length.
+        """
+        params = seq.params
+        if params.speculative is False or params.logprobs is not None:
+            return []
+        if not self.tracker.take_turn(seq.request_id):
+            return []
+        limit = min(self.tracker.draft_len(seq.request_id, self.k), limit)
+        if limit < 1:
             return []
         return self.proposer(seq, limit)[:limit]
 
     def record(self, request_id: str, drafted: int, accepted: int) -> None:
         self.tracker.record(request_id, drafted, accepted)
+        if self._on_forget is not None and not self.tracker.enabled(request_id):
+            self._on_forget(request_id)  # fell back: its draft KV is no longer needed
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)

@@ -41,7 +41,7 @@ def verify_chunks(
         else:
             chunk_logits = logits[offset : offset + n].float().cpu()
             probs = torch.stack([filtered_probs(row, seq.params) for row in chunk_logits])
-            generator = sampler._generator(seq.request_id, seq.params)  # its seeded stream
+            generator = sampler.generator(seq.request_id, seq.params)  # its seeded stream
             out[seq.request_id] = rejection_sample(probs, chunk.draft_token_ids, None, generator)
         offset += n
     return out

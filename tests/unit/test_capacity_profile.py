@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from capacity.cost_model import CostModel
 from capacity.profile import Grid2D, Profile, ProfileError, TransferFit, fit_transfer
+from capacity.published import HARDWARE, MODELS, Efficiency, decode_s, prefill_s, roofline_profile
 
 
 def _profile(**overrides: object) -> Profile:
@@ -62,3 +65,91 @@ def test_interpolation_exact_monotone_and_extrapolated() -> None:
 def test_fit_transfer() -> None:
     fit = fit_transfer([(0, 0.001), (10**9, 1.001), (2 * 10**9, 2.001)])
     assert fit.latency_s == pytest.approx(0.001) and fit.bandwidth_bytes_per_s == pytest.approx(1e9)
+
+
+# -- shipped profiles and the roofline generator -----------------------------------------
+
+PROFILES = Path(__file__).resolve().parents[2] / "capacity" / "profiles"
+
+
+def test_shipped_profiles_load_and_are_sane() -> None:
+    paths = sorted(PROFILES.glob("*.json"))
+    assert len(paths) >= 2  # the GPU roofline one and the measured CPU one
+    for path in paths:
+        profile = Profile.load(path)
+        cost = CostModel(profile)
+        assert profile.hardware and profile.model and profile.num_kv_blocks > 0
+        assert cost.prefill_s(1024, 0) > cost.prefill_s(16, 0) > 0, path.name
+        assert cost.decode_step_s(32, 8192) >= cost.decode_step_s(1, 1024) > 0, path.name
+        assert cost.transfer_s(10**8) > cost.transfer_s(10**4) > 0, path.name
+        if not profile.hardware.startswith("cpu"):
+            assert profile.sources, f"{path.name}: a hand-written profile names its sources"
+
+
+def test_shipped_gpu_profile_is_the_generated_one() -> None:
+    shipped = Profile.load(PROFILES / "h100-llama-3.1-8b-bf16.json")
+    assert shipped == roofline_profile("h100-sxm", "llama-3.1-8b")
+
+
+def test_roofline_regimes() -> None:
+    """Decode at batch 1 streams the weights (memory-bound); a long prefill is
+    compute-bound; cached context costs attention; the numbers match the formulas."""
+    hw, model, eff = HARDWARE["h100-sxm"], MODELS["llama-3.1-8b"], Efficiency()
+    assert model.kv_bytes_per_token == 128 * 1024
+    weights_s = model.weight_bytes / (hw.hbm_bytes_per_s * eff.memory)
+    one = decode_s(1, 1024, hw, model, eff)
+    assert one == pytest.approx(
+        weights_s
+        + 1024 * model.kv_bytes_per_token / (hw.hbm_bytes_per_s * eff.memory)
+        + eff.step_overhead_s
+    )
+    assert 5e-3 < one < 10e-3  # ~7 ms per token for an 8B bf16 model on one H100
+    # Memory-bound decode: 8x the batch at the same context costs about the same.
+    assert decode_s(8, 1024, hw, model, eff) == pytest.approx(one)
+    linear_flops = 2 * (model.params - model.embedding_params) * 8192
+    long_prefill = prefill_s(8192, 0, hw, model, eff)
+    assert long_prefill > linear_flops / (hw.peak_flops * eff.compute)  # compute-bound
+    assert prefill_s(2048, 16384, hw, model, eff) > prefill_s(2048, 0, hw, model, eff)
+    profile = roofline_profile("h100-sxm", "llama-3.1-8b")
+    assert profile.kv_bytes_per_token == model.kv_bytes_per_token
+    assert 20_000 < profile.num_kv_blocks < 30_000  # ~57 GB of KV in 2 MiB blocks
+    assert any("nvidia.com" in s for s in profile.sources)
+
+
+def test_e2e_overheads_from_records_and_cost_model_charges_them() -> None:
+    """What the e2e run keeps is what the tables do not explain; the cost model then adds
+    it per step (and the raw tables are used for the subtraction, never the padded ones)."""
+    from dataclasses import replace
+
+    from capacity.measure_e2e import overheads_from_records
+
+    profile = _profile(overheads={"rpc_s": 0.001})
+    cost = CostModel(profile)
+    prefill = cost.prefill_s(8, 0)  # 1.0 s: below the grid, its first value
+    fixed = cost.router_decision_s() + 2 * 0.001
+    records = [
+        {"ttft_s": prefill + fixed + 0.25, "itls_s": [0.1 + 0.03] * 3, "prompt_tokens": 8},
+        {"ttft_s": prefill + fixed + 0.35, "itls_s": [0.1 + 0.05], "prompt_tokens": 8},
+    ]
+    out = overheads_from_records(profile, records)
+    assert out["prefill_step_overhead_s"] == pytest.approx(0.30)
+    assert out["decode_step_overhead_s"] == pytest.approx(0.03)  # decode(1, < 16 ctx) = 0.1
+    assert out["e2e_ttft_s"] == pytest.approx(prefill + fixed + 0.30)
+    padded = replace(profile, overheads={**profile.overheads, **out})
+    assert overheads_from_records(padded, records) == out  # idempotent
+    charged = CostModel(padded)
+    assert charged.prefill_s(8, 0) == pytest.approx(prefill + 0.30)
+    assert charged.decode_step_s(1, 16) == pytest.approx(0.1 + 0.03)
+    assert charged.prefill_s(0, 0) == 0.0 and charged.decode_step_s(0, 0) == 0.0
+    fast = overheads_from_records(profile, [{"ttft_s": 0.5, "itls_s": [], "prompt_tokens": 16}])
+    assert fast == {"prefill_step_overhead_s": 0.0, "e2e_ttft_s": 0.5}  # clamped, no gaps
+
+
+def test_a_mixed_step_pays_the_worker_overhead_once() -> None:
+    extras = {"prefill_step_overhead_s": 0.3, "decode_step_overhead_s": 0.05}
+    cost = CostModel(_profile(overheads=extras))
+    prefill, decode = cost.prefill_s(16, 0), cost.decode_step_s(1, 16)
+    assert prefill == pytest.approx(1.0 + 0.3) and decode == pytest.approx(0.1 + 0.05)
+    assert cost.mixed_step_s(16, 0, 1, 16) == pytest.approx(1.0 + 0.1 + 0.3)
+    assert cost.mixed_step_s(16, 0, 0, 0) == pytest.approx(prefill)  # nothing decoding
+    assert cost.mixed_step_s(0, 0, 1, 16) == pytest.approx(decode)  # nothing to prefill

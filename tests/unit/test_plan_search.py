@@ -45,3 +45,22 @@ def test_written_yaml_passes_pdserve_check(tmp_path) -> None:
     config = candidate_config(Candidate(DISAGG, 500, 500), GPU_CONFIG)
     path = write_config(config, tmp_path / "serve.yaml", header="planned: 500P+500D")
     assert main(["check", "--config", str(path)]) == 0
+
+
+def test_min_true_near_brackets_from_the_guess() -> None:
+    from capacity.search import min_true_near
+
+    for guess in (1, 30, 37, 38, 60, 5000):
+        for grow in (1, 2):
+            calls: list[int] = []
+
+            def pred(n: int, calls: list[int] = calls) -> bool:
+                calls.append(n)
+                return n >= 37
+
+            assert min_true_near(pred, guess, 1, 1000, grow) == 37
+            assert all(1 <= n <= 1000 for n in calls)
+    near: list[int] = []
+    assert min_true_near(lambda n: near.append(n) or n >= 37, 36, 1, 1000) == 37
+    assert len(near) <= 2  # a guess one below costs two probes
+    assert min_true_near(lambda n: False, 5, 1, 10) is None

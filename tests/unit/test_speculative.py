@@ -6,16 +6,17 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 from common.sampling import SamplingParams
 from engine.config import EngineConfig
-from engine.model_loader import ModelLoadError
 from engine.speculative.ngram import propose_ngram
 from engine.speculative.rejection import rejection_sample, verify_greedy
 from engine.speculative.tracker import AcceptanceTracker
+from tests.draft_model import write_self_draft
 
 MODEL = os.path.expanduser("~/.cache/pdserve/models/SmolLM2-135M-Instruct")
 NUM_BLOCKS = 128
@@ -77,6 +78,46 @@ def test_fallback_after_the_window_when_acceptance_stays_low() -> None:
     assert stats.acceptance_rate == pytest.approx(0.2)
 
 
+def test_fallback_pauses_then_probes_again_with_a_doubling_pause() -> None:
+    tracker = AcceptanceTracker(window=4, threshold=0.3, alpha=0.5, backoff=3)
+    for _ in range(4):
+        assert tracker.take_turn("r")
+        tracker.record("r", 2, 0)
+    assert not tracker.enabled("r")
+    assert [tracker.take_turn("r") for _ in range(4)] == [False, False, False, True]
+    for _ in range(4):  # a fresh EWMA and window: four more failures to fall back again
+        tracker.record("r", 2, 0)
+    assert [tracker.take_turn("r") for _ in range(7)] == [False] * 6 + [True]
+    assert tracker.stats().num_fallbacks == 2
+
+
+def test_draft_length_doubles_on_full_acceptance_and_shrinks_on_rejection() -> None:
+    tracker = AcceptanceTracker(width_quantum=1)
+    assert tracker.draft_len("r", 8) == 8  # a new request drafts k
+    tracker.record("r", 8, 2)
+    assert tracker.draft_len("r", 8) == 3  # one more than it accepted
+    tracker.record("r", 3, 3)
+    assert tracker.draft_len("r", 8) == 7
+    assert tracker.draft_len("r", 4) == 4  # never above k
+    tracker.record("r", 7, 0)
+    assert tracker.draft_len("r", 8) == 1
+
+
+def test_draft_length_snaps_to_chunk_widths_that_cost_the_same() -> None:
+    tracker = AcceptanceTracker(width_quantum=3)  # widths 3, 6, 9: 2, 5 or 8 drafts
+    tracker.record("r", 8, 0)
+    assert tracker.draft_len("r", 8) == 2  # the cheapest probe, not 1
+    tracker.record("r", 2, 2)
+    assert tracker.draft_len("r", 8) == 5
+    tracker.record("r", 5, 5)
+    assert tracker.draft_len("r", 8) == 8
+    tracker.record("r", 8, 6)
+    assert tracker.draft_len("r", 8) == 5  # 7 snapped down to width 6
+    fixed = AcceptanceTracker(adaptive=False)
+    fixed.record("r", 8, 0)
+    assert fixed.draft_len("r", 8) == 8
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -105,11 +146,6 @@ def _engine(method: str = "ngram", **kwargs: object):
         **kwargs,
     )
     return LLMEngine(config)
-
-
-def test_draft_method_is_refused_clearly_until_built() -> None:
-    with pytest.raises(ModelLoadError, match="not supported yet"):
-        _engine("draft", draft_model="/nonexistent")
 
 
 PROMPTS = [
@@ -195,22 +231,37 @@ def test_seeded_sampling_with_speculation_is_reproducible() -> None:
     assert _run(spec, [("y", tokens, params)])["y"] == first
 
 
-def test_engine_sampling_distribution_matches_plain_decoding() -> None:
-    """Marginal of the 2nd generated token (the first one a verify chunk can produce) over
-    many seeded requests, with and without speculation: a two-sample chi-square test."""
-    prompt_text = "apples, pears, plums, apples, pears, plums, apples, pears, plums, apples,"
-    params = [
-        SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, ignore_eos=True)
-        for s in range(240)
-    ]
-    counts: list[Counter[int]] = []
-    for method in ("none", "ngram"):
-        engine = _engine(method, max_num_seqs=64)
-        tokens = engine.encode(prompt_text)
-        out = _run(engine, [(f"{method}{i}", tokens, p) for i, p in enumerate(params)])
-        counts.append(Counter(t[1] for t in out.values()))
-        if method == "ngram":
-            assert engine.speculative_stats().num_verify_steps > 0
+DISTRIBUTION_PROMPT = "apples, pears, plums, apples, pears, plums, apples, pears, plums, apples,"
+DISTRIBUTION_PARAMS = [
+    SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, ignore_eos=True)
+    for s in range(240)
+]
+
+
+def _second_tokens(engine) -> Counter[int]:
+    """Counts of the 2nd generated token (the first one a verify chunk can produce)."""
+    tokens = engine.encode(DISTRIBUTION_PROMPT)
+    out = _run(engine, [(f"q{i}", tokens, p) for i, p in enumerate(DISTRIBUTION_PARAMS)])
+    return Counter(t[1] for t in out.values())
+
+
+@pytest.fixture(scope="module")
+def plain_second_tokens() -> Counter[int]:
+    return _second_tokens(_engine("none", max_num_seqs=64))
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_engine_sampling_distribution_matches_plain_decoding(
+    method: str, plain_second_tokens: Counter[int], tmp_path: Path
+) -> None:
+    """Marginal of the 2nd generated token over many seeded requests, with and without
+    speculation (n-gram; a two-layer self-draft): a two-sample chi-square test."""
+    extra = {}
+    if method == "draft":
+        extra["draft_model"] = str(write_self_draft(tmp_path / "draft", [0, 1]))
+    engine = _engine(method, max_num_seqs=64, **extra)
+    counts = [plain_second_tokens, _second_tokens(engine)]
+    assert engine.speculative_stats().num_verify_steps > 0
     keys = set(counts[0]) | set(counts[1])
     stat = sum((counts[0][k] - counts[1][k]) ** 2 / (counts[0][k] + counts[1][k]) for k in keys)
     # <= ~16 categories; a loose bound (p ~ 1e-4) that a systematic bias still exceeds.

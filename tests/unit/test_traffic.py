@@ -56,3 +56,14 @@ def test_bad_descriptions_are_clear_errors() -> None:
     assert (
         LengthDist.parse({"dist": "empirical", "values": [5]}, "x").sampler(random.Random(0))() == 5
     )
+
+
+def test_without_suffix_hashes_only_the_shared_prefix_is_hashed() -> None:
+    full = generate(Traffic.from_mapping(BASE))
+    short = generate(Traffic.from_mapping({**BASE, "suffix_hashes": False}))
+    shared = [r for r in short if r.block_hashes]
+    assert all(len(r.block_hashes) == 64 // 16 <= r.prompt_tokens // 16 for r in shared)
+    assert 0.4 < len(shared) / len(short) < 0.6
+    # the same three group chains as with suffix hashes
+    chains = {r.block_hashes[:4] for r in full}
+    assert {r.block_hashes for r in shared} <= chains and len({r.block_hashes for r in shared}) == 3

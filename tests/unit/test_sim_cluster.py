@@ -1,0 +1,114 @@
+"""The simulator runs the real router and autoscaling code: routing, conditional prefill,
+autoscaling with Serve's delays, and the Serve YAML it reads."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from capacity.sim import SimRequest, sim_config_from_serve, simulate
+from capacity.trace import synthesize_chain
+from common.worker_info import WorkerRole
+from tests.unit.sim_helpers import autoscaled, disagg, profile
+
+SERVE_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
+
+
+def _group_requests(groups: int, per_group: int, gap: float) -> list[SimRequest]:
+    out = []
+    for i in range(groups * per_group):
+        g = i % groups
+        chain = synthesize_chain(f"sys{g}", 512, 560, 16, i)
+        out.append(SimRequest(f"r{i:03d}", i * gap, 560, 4, chain, group=f"g{g}"))
+    return out
+
+
+def _prefill_worker(route: str) -> str:
+    return route.split("->")[0]
+
+
+def test_prefix_aware_sends_a_shared_prefix_to_the_same_prefill_replica() -> None:
+    requests = _group_requests(2, 6, 0.5)
+    result = simulate(disagg(2, 1, policy="prefix_aware"), profile(), requests)
+    by_group: dict[str, set[str]] = {}
+    for record in result.records:
+        by_group.setdefault(record.group, set()).add(_prefill_worker(record.route))
+    assert all(len(workers) == 1 for workers in by_group.values()), by_group
+    assert by_group["g0"] != by_group["g1"]  # the two groups spread over both workers
+    later = [r for r in result.records if r.session_id not in ("r000", "r001")]
+    assert all(r.cached_tokens == 512 for r in later)
+
+
+def test_round_robin_alternates_and_loses_prefix_hits() -> None:
+    requests = _group_requests(3, 6, 0.5)  # 3 groups over 2 workers: turns split groups
+    aware = simulate(disagg(2, 1, policy="prefix_aware"), profile(), requests)
+    robin = simulate(disagg(2, 1, policy="round_robin"), profile(), requests)
+    workers = [_prefill_worker(r.route) for r in robin.records]
+    assert workers[0] != workers[1] and workers[0] == workers[2]
+
+    def hits(result: object) -> int:
+        return sum(r.cached_tokens or 0 for r in result.records)  # type: ignore[attr-defined]
+
+    assert hits(robin) < hits(aware)
+
+
+def test_conditional_prefills_short_prompts_on_the_decode_replica() -> None:
+    conditional = {"enabled": True, "local_max_uncached_tokens": 256}
+    config = disagg(1, 1, conditional=conditional)
+    requests = [
+        SimRequest("short", 0.0, 100, 4, ()),
+        SimRequest("long", 1.0, 900, 4, ()),
+    ]
+    result = simulate(config, profile(), requests)
+    routes = {r.session_id: r.route for r in result.records}
+    assert "->" not in routes["short"] and routes["short"].startswith("decode")
+    assert routes["long"].startswith("prefill") and "->" in routes["long"]
+    assert all(r.ok for r in result.records)
+
+
+def test_autoscaling_scales_up_after_the_delay_and_back_down() -> None:
+    config = disagg(1, 1)
+    prefill = autoscaled(
+        config.prefill,
+        1,
+        3,
+        "deploy.autoscaling:prefill_policy",
+        ttft_p90_ms=300,
+        queued_tokens_per_replica=2048,
+    )
+    config = replace(config, prefill=prefill)
+    heavy = [SimRequest(f"h{i}", i * 0.1, 800, 2, ()) for i in range(300)]  # 30 s overload
+    light = [SimRequest(f"l{i}", 30 + i * 2.0, 100, 2, ()) for i in range(40)]  # 80 s quiet
+    result = simulate(config, profile(), heavy + light)
+    counts = [(t, n) for t, _, role, n in result.replica_timeline if role == "prefill"]
+    peak = max(n for _, n in counts)
+    assert peak >= 2
+    first_up = next(t for t, n in counts if n >= 2)
+    assert first_up >= 5.0 + 5.0  # the upscale delay + replica start-up
+    assert counts[-1][1] == 1  # back to min_replicas when the load went away
+    down = next(t for t, n in counts if t > first_up and n < peak)
+    assert down > 30.0
+
+
+def test_sim_config_from_the_shipped_serve_yaml() -> None:
+    config = sim_config_from_serve(SERVE_YAML)
+    assert config.disaggregated and config.colocated is None
+    assert config.prefill is not None and config.decode is not None
+    assert config.prefill.role is WorkerRole.PREFILL
+    assert config.prefill.engine.max_num_batched_tokens == 1024
+    assert config.decode.engine.max_num_seqs == 64
+    auto = config.prefill.autoscale
+    assert auto is not None and auto.policy_function == "deploy.autoscaling:prefill_policy"
+    assert (auto.min_replicas, auto.max_replicas, auto.upscale_delay_s) == (1, 2, 5.0)
+    assert auto.policy_kwargs["ttft_p90_ms"] == 2000
+    assert config.pool.policy.value == "prefix_aware"
+
+
+def test_a_prompt_no_cache_can_hold_is_refused_and_the_run_ends() -> None:
+    config = disagg(1, 1, num_kv_blocks=64)  # 1024 tokens of KV per replica
+    prefill = autoscaled(config.prefill, 1, 2, "deploy.autoscaling:prefill_policy")
+    config = replace(config, prefill=prefill)
+    requests = [SimRequest("huge", 0.0, 5000, 4, ()), SimRequest("ok", 0.5, 200, 4, ())]
+    result = simulate(config, profile(), requests)
+    records = {r.session_id: r for r in result.records}
+    assert records["huge"].refused and records["ok"].ok
