@@ -19,7 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadgen.cli import add_slo_args, add_workload_args, slo_from_args, workload_from_args
+from loadgen.cli import (
+    add_slo_args,
+    add_workload_args,
+    load_from_args,
+    slo_from_args,
+    workload_from_args,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "simulate"
 
@@ -57,21 +63,12 @@ def _run(args: argparse.Namespace) -> int:
     from capacity.profile import Profile, ProfileError
     from capacity.sim import SimOptions, sim_config_from_serve, simulate
     from deploy.serve_config import DEFAULT_CONFIG
-    from loadgen.driver import LoadSpec
 
     try:
         profile = Profile.load(args.profile)
         config = sim_config_from_serve(args.config or DEFAULT_CONFIG, args.pool)
         workload = workload_from_args(args)
-        load = LoadSpec(
-            mode="open" if args.rate else "closed",
-            rate=args.rate or 1.0,
-            concurrency=args.concurrency,
-            seed=args.seed,
-            max_duration_s=args.max_duration,
-            drain_s=args.drain,
-            progress=False,
-        )
+        load = load_from_args(args, progress=False)
         if args.block_stride < 1:
             raise ValueError("--block-stride must be >= 1")
     except (ValueError, ProfileError) as exc:

@@ -123,23 +123,32 @@ def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
     return WorkloadSpec(kind=args.workload, seed=args.seed).with_overrides(**values)
 
 
-def _run(args: argparse.Namespace) -> int:
+def load_from_args(args: argparse.Namespace, **extra: Any) -> Any:
+    """The run's LoadSpec from :func:`add_workload_args`' flags (open loop when ``--rate``
+    is given, else closed at ``--concurrency``); ``extra`` sets further LoadSpec fields.
+    Raises ValueError for an invalid combination."""
     from loadgen.driver import LoadSpec
+
+    return LoadSpec(
+        mode="open" if args.rate else "closed",
+        rate=args.rate or 1.0,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        max_duration_s=args.max_duration,
+        drain_s=args.drain,
+        **extra,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
     from loadgen.experiment import RunSpec, run_experiment
     from loadgen.summary import Slo
     from router.tokenizer import ModelTokenizer
 
     try:
         workload = workload_from_args(args)
-        load = LoadSpec(
-            mode="open" if args.rate else "closed",
-            rate=args.rate or 1.0,
-            concurrency=args.concurrency,
-            seed=args.seed,
-            max_duration_s=args.max_duration,
-            drain_s=args.drain,
-            request_timeout_s=args.request_timeout,
-            ignore_eos=_ignore_eos(args),
+        load = load_from_args(
+            args, request_timeout_s=args.request_timeout, ignore_eos=_ignore_eos(args)
         )
     except ValueError as exc:
         print(f"pdserve bench: {exc}", file=sys.stderr)
