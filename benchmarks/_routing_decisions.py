@@ -126,23 +126,10 @@ def _view(i: int, role: str, rng: random.Random) -> Any:
 
 
 def _worker(i: int, role: str, rng: random.Random) -> tuple[Any, Any]:
-    from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
+    from capacity.measure_router import synthetic_worker
 
-    geometry = BlockGeometry("m", "float32", BLOCK_SIZE, 30, 3, 64, 4096)
-    worker_id = f"{role}-{i:04d}"
-    info = WorkerInfo(
-        worker_id, WorkerRole(role), "p", "m", f"10.0.{i // 250}.{i % 250}:50100", None, geometry
-    )
-    load = WorkerLoad(
-        worker_id,
-        queued=rng.randrange(4),
-        running=rng.randrange(32),
-        free_blocks=rng.randrange(100, 4000),
-        used_blocks=rng.randrange(3000),
-        cached_blocks=0,
-        queued_prefill_tokens=rng.randrange(4000),
-    )
-    return info, load
+    address = f"10.0.{i // 250}.{i % 250}:50100"
+    return synthetic_worker(i, role, BLOCK_SIZE, rng, address)
 
 
 def _pending(prefill: tuple[Any, ...], decode: tuple[Any, ...], rng: random.Random) -> dict:

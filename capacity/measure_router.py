@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from common.worker_info import WorkerInfo, WorkerLoad
     from router.index import PrefixIndex
     from router.snapshot import WorkerView
 
@@ -35,15 +36,16 @@ class DecisionTimes:
     p99_s: float
 
 
-def _worker(i: int, role: str, block_size: int, rng: random.Random) -> WorkerView:
+def synthetic_worker(
+    i: int, role: str, block_size: int, rng: random.Random, address: str
+) -> tuple[WorkerInfo, WorkerLoad]:
+    """Worker ``i`` of ``role`` with a random, plausible load report (for decision
+    timings here and in benchmarks/_routing_decisions.py)."""
     from common.worker_info import BlockGeometry, WorkerInfo, WorkerLoad, WorkerRole
-    from router.snapshot import WorkerView
 
     geometry = BlockGeometry("m", "float32", block_size, 30, 3, 64, 4096)
     worker_id = f"{role}-{i:04d}"
-    info = WorkerInfo(
-        worker_id, WorkerRole(role), "p", "m", f"127.0.0.1:{50100 + i}", None, geometry
-    )
+    info = WorkerInfo(worker_id, WorkerRole(role), "p", "m", address, None, geometry)
     load = WorkerLoad(
         worker_id,
         queued=rng.randrange(4),
@@ -53,7 +55,13 @@ def _worker(i: int, role: str, block_size: int, rng: random.Random) -> WorkerVie
         cached_blocks=0,
         queued_prefill_tokens=rng.randrange(4000),
     )
-    return WorkerView(info, load)
+    return info, load
+
+
+def _worker(i: int, role: str, block_size: int, rng: random.Random) -> WorkerView:
+    from router.snapshot import WorkerView
+
+    return WorkerView(*synthetic_worker(i, role, block_size, rng, f"127.0.0.1:{50100 + i}"))
 
 
 def _store(index: PrefixIndex, worker_id: str, chain: list[int]) -> None:
