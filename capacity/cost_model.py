@@ -16,11 +16,22 @@ calls them millions of times. Rules, the same for both step grids:
 
 Transfers use the profile's fit, ``latency + bytes / bandwidth``.
 
-Worker overheads: a profile measured with ``pdserve profile --e2e`` also has
-``overheads["prefill_step_overhead_s"]`` / ``["decode_step_overhead_s"]`` — what a real
-1P+1D stack spends per step beyond the engine's step (worker loops, KV handshake and
-landing, streaming; capacity/measure_e2e.py). They are added to every prefill / decode
-step here, so the simulator charges them without knowing about them; absent, they are 0.
+Worker overheads: a profile measured with ``pdserve profile --e2e`` also has what real
+stacks spend beyond the engine's steps (worker loops, the layer-wise sender sharing the
+core, the KV hand-off and landing, streaming; fitted in capacity/measure_e2e.py). Here:
+
+- a prefill step on a prefill replica (remote): ``+ prefill_step_overhead_s +
+  prefill_token_overhead_s x new tokens``; a prefill step on a decode or colocated replica
+  (local): the ``local_`` pair (the remote pair where a profile has none);
+- a remote request's hand-off: ``handoff_token_overhead_s x prompt tokens``, on top of the
+  transfer (:meth:`CostModel.handoff_s`);
+- every decode step: ``+ decode_step_overhead_s``; the first decode step of a remotely
+  prefilled request: ``+ first_decode_step_overhead_s`` on an idle replica, ``+
+  join_running_batch_overhead_s`` into a running batch (:meth:`CostModel.first_decode_extra_s`);
+- a remote request whose decode replica is mid-step as its KV lands: its first token
+  ``busy_decode_handoff_s`` later (:meth:`CostModel.busy_decode_handoff_s`).
+
+Absent, each is 0: a profile written from published figures prices the engine alone.
 """
 
 from __future__ import annotations
@@ -89,15 +100,28 @@ class CostModel:
         self._inv_bandwidth = 1.0 / profile.transfer.bandwidth_bytes_per_s
         self._kv_bytes_per_token = profile.kv_bytes_per_token
         self._router_s = profile.router_decision_s
-        self._prefill_extra = profile.overheads.get("prefill_step_overhead_s", 0.0)
-        self._decode_extra = profile.overheads.get("decode_step_overhead_s", 0.0)
+        extra = profile.overheads.get
+        self._prefill_extra = extra("prefill_step_overhead_s", 0.0)
+        self._prefill_token = extra("prefill_token_overhead_s", 0.0)
+        self._local_extra = extra("local_prefill_step_overhead_s", self._prefill_extra)
+        self._local_token = extra("local_prefill_token_overhead_s", self._prefill_token)
+        self._handoff_token = extra("handoff_token_overhead_s", 0.0)
+        self._decode_extra = extra("decode_step_overhead_s", 0.0)
+        self._first_decode_extra = extra("first_decode_step_overhead_s", 0.0)
+        self._join_running_extra = extra("join_running_batch_overhead_s", self._first_decode_extra)
+        self._busy_handoff = extra("busy_decode_handoff_s", 0.0)
 
-    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
+    def prefill_s(self, new_tokens: int, cached_tokens: int, local: bool = False) -> float:
         """Seconds for one prefill step computing ``new_tokens`` (the whole batch's), with
-        ``cached_tokens`` of already-cached context attended."""
+        ``cached_tokens`` of already-cached context attended; on a prefill replica, or
+        ``local`` (a decode or colocated replica prefilling its own request)."""
         if new_tokens <= 0:
             return 0.0
-        return self._prefill(new_tokens, cached_tokens) + self._prefill_extra
+        if local:
+            extra = self._local_extra + self._local_token * new_tokens
+        else:
+            extra = self._prefill_extra + self._prefill_token * new_tokens
+        return self._prefill(new_tokens, cached_tokens) + extra
 
     def decode_step_s(self, batch_size: int, total_context: int) -> float:
         """Seconds for one decode step of ``batch_size`` sequences holding
@@ -107,17 +131,37 @@ class CostModel:
         return self._decode(batch_size, total_context) + self._decode_extra
 
     def mixed_step_s(
-        self, new_tokens: int, cached_tokens: int, batch_size: int, total_context: int
+        self,
+        new_tokens: int,
+        cached_tokens: int,
+        batch_size: int,
+        total_context: int,
+        local: bool = True,
     ) -> float:
         """Seconds for one engine step that prefills ``new_tokens`` and decodes
-        ``batch_size`` sequences together (colocated workers, local prefill): the two
-        tables' costs, with the per-step worker overhead paid once, since it is one
-        forward pass."""
-        prefill = self.prefill_s(new_tokens, cached_tokens)
+        ``batch_size`` sequences together (colocated workers, local prefill; ``local=False``
+        for a prefill replica's steps): the two tables' costs, with the fixed per-step
+        worker overhead paid once, since it is one forward pass."""
+        prefill = self.prefill_s(new_tokens, cached_tokens, local)
         decode = self.decode_step_s(batch_size, total_context)
         if prefill and decode:
-            return prefill + decode - min(self._prefill_extra, self._decode_extra)
+            fixed = self._local_extra if local else self._prefill_extra
+            return prefill + decode - min(fixed, self._decode_extra)
         return prefill + decode
+
+    def handoff_s(self, prompt_tokens: int) -> float:
+        """Seconds a remote prefill's hand-off adds beyond the transfer fit (measured)."""
+        return self._handoff_token * max(prompt_tokens, 0)
+
+    def busy_decode_handoff_s(self) -> float:
+        """Seconds a remote prefill's first token waits when its decode replica is mid-step
+        as the KV lands (the worker's loop shares the process with the step; measured)."""
+        return self._busy_handoff
+
+    def first_decode_extra_s(self, into_running_batch: bool = False) -> float:
+        """Seconds the first decode step of a remotely prefilled request adds (measured):
+        joining an idle replica, or ``into_running_batch``."""
+        return self._join_running_extra if into_running_batch else self._first_decode_extra
 
     def transfer_s(self, num_bytes: int) -> float:
         """Seconds to move ``num_bytes`` of KV from a prefill to a decode replica."""

@@ -44,7 +44,7 @@ class MeasureOptions:
 
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig keyword arguments
     quick: bool = False
-    e2e: bool = False  # also run a real 1P+1D stack for per-request overheads (~30 s)
+    e2e: bool = False  # also run real 1P+1D and colocated stacks: overheads (~1-2 min)
 
 
 def hardware_name(device: str, threads: int) -> str:
@@ -138,11 +138,19 @@ def measure_profile(options: MeasureOptions, progress: Progress = stderr_progres
     if not options.e2e:
         return profile
     del engine, timer  # free the engine's memory before the stack's workers load theirs
+    return with_e2e_overheads(profile, options.engine.get("model"), options.quick, progress)
+
+
+def with_e2e_overheads(
+    profile: Profile, model: str | None, quick: bool, progress: Progress = stderr_progress
+) -> Profile:
+    """``profile`` with its end-to-end overheads (re-)measured on real stacks running its
+    engine options (capacity/measure_e2e.py); the step tables are kept as they are."""
     from capacity.measure_e2e import e2e_overheads
 
-    progress("end-to-end overheads on a real 1P+1D stack")
-    extra = e2e_overheads(profile, options.engine)
-    progress(", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in extra.items()))
+    progress("end-to-end overheads on real 1P+1D and colocated stacks")
+    extra = e2e_overheads(profile, {"model": model}, requests=3 if quick else 8)
+    progress(", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in extra.items()))
     return replace(profile, overheads={**profile.overheads, **extra})
 
 

@@ -24,6 +24,11 @@ brackets outward (:func:`capacity.search.min_true_near`). Feasible candidates wi
 ``max_gpus`` are ranked by GPU-hours (the autoscaled ones use fewer at the same peak),
 then peak GPUs, then goodput; the first is the plan. The top few are simulated again at
 ``multipliers`` × the traffic's rate: their SLO-attainment and goodput curves.
+
+Only ``meets`` (attainment >= the target) steers the search and the ranking, so an
+``evaluate`` may stop a simulation as soon as it cannot meet the SLO any more
+(:class:`capacity.plan_eval.SimEvaluator`'s ``stop_early``: more misses than the attainment
+allows); the progress line says so. Curve points are evaluated whole.
 """
 
 from __future__ import annotations
@@ -132,10 +137,13 @@ class _Search:
         feasible = self.feasible()
         best = f"best {feasible[0].candidate.label()}" if feasible else "none feasible yet"
         rate = f" at {multiplier:g}x" if multiplier != 1.0 else ""
+        if outcome.stopped_s is None:
+            result = f"attainment {outcome.attainment:.3f}, goodput {outcome.goodput_rps:.3g} req/s"
+        else:
+            result = f"misses the SLO (stopped at {outcome.stopped_s:.0f} simulated s)"
         self.progress(
             f"[plan] {len(self.seen)} evaluated, {outcome.candidate.label()}{rate}: "
-            f"attainment {outcome.attainment:.3f}, goodput {outcome.goodput_rps:.3g} req/s; "
-            f"{best}; {time.perf_counter() - self.start:.1f}s"
+            f"{result}; {best}; {time.perf_counter() - self.start:.1f}s"
         )
 
 

@@ -108,7 +108,9 @@ def _run(args: argparse.Namespace) -> int:
             trough=_trough(traffic),
             multipliers=tuple(float(m) for m in args.multipliers.split(",")),
         )
-        evaluate = SimEvaluator(traffic, profile, slo, base, seed=args.seed, fleet_scale=scale)
+        evaluate = SimEvaluator(
+            traffic, profile, slo, base, seed=args.seed, fleet_scale=scale, stop_early=True
+        )
     except (OSError, ValueError) as exc:
         print(f"pdserve plan: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,17 @@ exactly the load of a real one at the counts the search settles on (the smallest
 a feasible sub-count ``k`` is ``k / fleet_scale``). What it cannot model: effects that
 depend on the pool's absolute size (prefix-cache hit spread over more replicas, routing
 choice among more candidates). benchmarks/capacity_scale.py measures its error.
+
+Stopping early (``stop_early=True``, what ``pdserve plan`` and the planner benchmark use):
+a simulation at the traffic's own rate (multiplier 1: the search's feasibility probes)
+stops as soon as more requests have certainly missed the SLO than its attainment allows
+(:func:`miss_limit`: one more and even if every other request met it, attainment would be
+below the target) — refused, a first token over the TTFT bound, or finished over a bound.
+Such a candidate misses the SLO either way, so ``meets`` and hence the search, the chosen
+configuration and the ranked table are the same as with whole runs; its Outcome says where
+it stopped (``stopped_s``) and its figures are partial (attainment: a lower bound). Curve
+points at other rates always run whole (curves are drawn for feasible candidates only, so
+their multiplier-1 point was never stopped).
 """
 
 from __future__ import annotations
@@ -45,11 +56,12 @@ class SimEvaluator:
         *,
         seed: int = 0,
         fleet_scale: float = 1.0,
+        stop_early: bool = False,
     ) -> None:
         if not 0 < fleet_scale <= 1:
             raise ValueError("fleet_scale must be in (0, 1]")
         self.traffic, self.profile, self.slo, self.base = traffic, profile, slo, Path(base)
-        self.seed, self.fleet_scale = seed, fleet_scale
+        self.seed, self.fleet_scale, self.stop_early = seed, fleet_scale, stop_early
         self._record_slo = RecordSlo(ttft_ms=slo.ttft_s * 1e3, tpot_ms=slo.tpot_s * 1e3)
         self._requests: dict[float, list[Any]] = {}
         self._cache: dict[tuple[Candidate, float], Outcome] = {}
@@ -101,7 +113,11 @@ class SimEvaluator:
 
         config = sim_config_from_serve(candidate_config(candidate, self.base))
         requests = self.requests(multiplier)
-        options = SimOptions(until_s=self.until_s)
+        # outcome_of reads the records only: the ITL histogram would go unread
+        options = SimOptions(until_s=self.until_s, itl_histogram=False)
+        if self.stop_early and multiplier == 1.0:
+            limit = miss_limit(len(requests), self.slo.attainment)
+            options = replace(options, miss_slo=self._record_slo, miss_limit=limit)
         result = simulate(config, self.profile, requests, seed=self.seed, options=options)
         return outcome_of(candidate, result, self._record_slo, self.traffic.duration_s)
 
@@ -115,6 +131,19 @@ class SimEvaluator:
         return replace(
             scaling, min_replicas=min(high, self._shrink(scaling.min_replicas)), max_replicas=high
         )
+
+
+def miss_limit(requests: int, attainment: float) -> int:
+    """The most of ``requests`` that may miss the SLO with ``attainment`` still reachable:
+    with one more miss, ``(requests - misses) / requests < attainment``."""
+    if requests <= 0:
+        return 0
+    k = max(0, math.floor(requests * (1 - attainment)))
+    while k > 0 and (requests - k) / requests < attainment:
+        k -= 1
+    while k < requests and (requests - k - 1) / requests >= attainment:
+        k += 1
+    return k
 
 
 def outcome_of(candidate: Candidate, result: Any, slo: RecordSlo, duration_s: float) -> Outcome:
@@ -141,6 +170,7 @@ def outcome_of(candidate: Candidate, result: Any, slo: RecordSlo, duration_s: fl
         events=int(result.events),
         wall_s=float(result.wall_s),
         timeline=timeline,
+        stopped_s=getattr(result, "stopped_s", None),
     )
 
 

@@ -94,6 +94,9 @@ class Outcome:
     events: int = 0
     wall_s: float = 0.0
     timeline: tuple[tuple[float, int], ...] = field(default=(), compare=False)  # (t, GPUs)
+    # The simulation stopped here, once it could no longer meet the SLO's attainment
+    # (capacity/plan_eval.py); its figures are then partial (attainment a lower bound).
+    stopped_s: float | None = field(default=None, compare=False)
 
     def meets(self, slo: Slo) -> bool:
         return self.attainment >= slo.attainment

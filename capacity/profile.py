@@ -178,7 +178,7 @@ class Profile:
     transfer: TransferFit
     router_decision_s: float  # median
     router_decision_p99_s: float = 0.0
-    overheads: dict[str, float] = field(default_factory=dict)  # per-request, seconds
+    overheads: dict[str, float] = field(default_factory=dict)  # seconds (one factor: e2e)
     created: str = ""  # ISO date, or "hand-written <date>"
     sources: tuple[str, ...] = ()  # where hand-written numbers come from
     notes: str = ""

@@ -1,10 +1,13 @@
 """``pdserve profile``: measure this machine's cost profile and write it (JSON).
 
 ``pdserve profile --out FILE [--model DIR] [--dtype auto|fp32|bf16] [--threads N]
-[--quick] [--block-size ...]`` loads the engine with those options, times its steps, a
+[--quick] [--e2e] [--block-size ...]`` loads the engine with those options, times its steps, a
 real KV transfer pair, the router's decision and a gRPC round trip
 (capacity/measure.py), and writes a :class:`capacity.profile.Profile` that
-``pdserve simulate --profile FILE`` reads. Progress goes to stderr.
+``pdserve simulate --profile FILE`` reads. ``--e2e`` adds the per-request overheads of
+real stacks (capacity/measure_e2e.py); ``--overheads-only PROFILE --out FILE`` keeps
+PROFILE's tables and re-measures only those (after a code change, say). Progress goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def add_parser(commands: Any) -> None:
         "--e2e",
         action="store_true",
         help="also time short requests through a real 1P+1D stack: per-request overheads",
+    )
+    command.add_argument(
+        "--overheads-only",
+        metavar="PROFILE",
+        default=None,
+        help="keep PROFILE's tables; re-measure only its end-to-end overheads (as --e2e)",
     )
     engine = command.add_argument_group("engine options (as the profiled replica runs)")
     engine.add_argument("--block-size", type=int, default=16)
@@ -69,9 +78,12 @@ def _run(args: argparse.Namespace) -> int:
     from capacity.measure import MeasureOptions, measure_profile
 
     try:
-        options = MeasureOptions(engine=engine_options(args), quick=args.quick, e2e=args.e2e)
-        profile = measure_profile(options)
-    except (ValueError, RuntimeError) as exc:
+        if args.overheads_only:
+            profile = _refreshed(args)
+        else:
+            options = MeasureOptions(engine=engine_options(args), quick=args.quick, e2e=args.e2e)
+            profile = measure_profile(options)
+    except (ValueError, RuntimeError, OSError) as exc:
         print(f"pdserve profile: {exc}", file=sys.stderr)
         return 2
     profile.save(args.out)
@@ -81,3 +93,12 @@ def _run(args: argparse.Namespace) -> int:
         f"{len(profile.decode.xs)}x{len(profile.decode.ys)} decode points"
     )
     return 0
+
+
+def _refreshed(args: argparse.Namespace) -> Any:
+    """``--overheads-only PROFILE``: its tables as they are, the overheads measured now."""
+    from capacity.measure import with_e2e_overheads
+    from capacity.profile import Profile
+
+    profile = Profile.load(args.overheads_only)
+    return with_e2e_overheads(profile, args.model, args.quick)

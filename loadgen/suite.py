@@ -310,8 +310,16 @@ def peer_scenario(plan: Plan, log_dir: Path, tokenizer: Any) -> dict[str, Any]:
 
 
 def warm_up(url: str, tokenizer: Any, model: str = "") -> None:
-    """Two small requests, one after the other, so first-call costs stay out of the run."""
-    workload = WorkloadSpec(kind="fixed", num_requests=2, input_tokens=64, output_tokens=4, seed=99)
+    """Two small requests, one after the other, so first-call costs stay out of the run.
+
+    Their prompts share no KV block (each its own system prompt), so the router's cost
+    ties and its fewest-routed tie-break send them to different workers of a two-worker
+    pool: both get warm, and the router's per-worker counts stay even, as a fresh router's
+    are (what `pdserve simulate` starts from)."""
+    workload = WorkloadSpec(
+        kind="shared_prefix", groups=2, prompts_per_group=1, prefix_tokens=48,
+        question_tokens=16, output_tokens=4, seed=99,
+    )  # fmt: skip
     load = LoadSpec(
         mode="closed", concurrency=1, max_duration_s=120, progress=False, ignore_eos=False
     )

@@ -23,6 +23,7 @@ Pools of at most ``NARROW_ABOVE`` workers are scored in full (results identical 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -49,10 +50,13 @@ def load_order(
     colocated: Sequence[WorkerView],
     epoch: int,
 ) -> LoadOrder:
-    """Sort once per refresh; ties in an order that changes with ``epoch``."""
+    """Sort once per refresh; ties in an order that changes with ``epoch`` (the same
+    in every process)."""
 
     def tie(w: WorkerView) -> int:
-        return hash((epoch, w.worker_id))
+        # crc32, not hash(str): str hashes change from process to process, and a simulated
+        # fleet (capacity/sim) must give the same run for the same seed every time
+        return hash((epoch, zlib.crc32(w.worker_id.encode())))
 
     def by_prefill(w: WorkerView) -> tuple[int, int]:
         return (w.load.queued_prefill_tokens if w.load is not None else 0, tie(w))

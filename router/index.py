@@ -137,9 +137,29 @@ class PrefixIndex:
         self._purge(now)
         expiry = now + self._ttl
         slot = self._slot(worker_id)
+        add, queue = self._add, self._queue
+        if expiry == _CONFIRMED:  # an endless prediction: _add's general path
+            for block_hash in hashes:
+                add(slot, block_hash, expiry)
+            return
+        shards, n, predicted = self._shards, self._n, self._predicted
         for block_hash in hashes:
-            if self._add(slot, block_hash, expiry):
-                self._queue.append((expiry, slot, block_hash))
+            shard = shards[block_hash % n]
+            holders = shard.get(block_hash)
+            if holders is not None and (
+                holders == slot or (type(holders) is not int and slot in holders)  # type: ignore[operator]
+            ):
+                # Held already (_add's first branch, inlined: predictions re-mark a whole
+                # prompt): now most recently used, and the later expiry wins.
+                del shard[block_hash]
+                shard[block_hash] = holders
+                key = (block_hash, slot)
+                if predicted.get(key, _CONFIRMED) >= expiry:
+                    continue
+                predicted[key] = expiry
+                queue.append((expiry, slot, block_hash))
+            elif add(slot, block_hash, expiry):
+                queue.append((expiry, slot, block_hash))
 
     def drop_worker(self, worker_id: str) -> None:
         """Forget every block of ``worker_id`` (O(1): its slot retires)."""
@@ -191,8 +211,15 @@ class PrefixIndex:
         # Narrow part: walk the rest of the chain with the workers still matching; record a
         # worker's depth when it drops out (usually one or two workers hold a given prefix).
         matched = wide_depth + 1
+        # ``alive`` is a subset of ``seen``, the last holders looked at: a block with the
+        # same holders (a prefix usually has one holder set all along) keeps them all.
+        seen = holders if alive else None
         for block_hash in hashes[matched:] if alive else ():
             holders = shards[block_hash % n].get(block_hash)
+            if holders == seen and not stale:
+                matched += 1
+                continue
+            seen = holders
             if holders is None:
                 still = []
             elif type(holders) is int:
@@ -252,6 +279,11 @@ class PrefixIndex:
         """``holders`` plus ``slot``, dropping retired slots on the way."""
         if holders is None:
             return slot
+        if not self._retired:  # no retired slot holds anything: every holder is kept
+            slots = _slots_of(holders)
+            if len(slots) == 1:
+                self._tuples += 1  # one holder becomes several
+            return _many((*slots, slot))
         kept = tuple(s for s in _slots_of(holders) if s in self._ids)
         self._retired -= len(_slots_of(holders)) - len(kept)
         self._stored -= len(_slots_of(holders)) - len(kept)

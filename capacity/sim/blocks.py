@@ -91,7 +91,21 @@ class BlockPool:
     def allocate(self, hashes: Sequence[int], prompt_tokens: int, total_blocks: int) -> Holding:
         """Reuse the cached prefix of ``hashes`` and take fresh blocks up to
         ``total_blocks``. Call :meth:`can_allocate` first."""
+        return self._take_prefix(hashes, self.match(hashes, prompt_tokens), total_blocks)
+
+    def try_allocate(
+        self, hashes: Sequence[int], prompt_tokens: int, total_blocks: int
+    ) -> Holding | None:
+        """:meth:`allocate` if :meth:`can_allocate`, else None (one prefix match for both)."""
         matched = self.match(hashes, prompt_tokens)
+        refs = self._refs
+        reused_evictable = sum(1 for h in hashes[:matched] if refs[h] == 0) if matched else 0
+        if total_blocks - matched > self.free + len(self._evictable) - reused_evictable:
+            return None
+        return self._take_prefix(hashes, matched, total_blocks)
+
+    def _take_prefix(self, hashes: Sequence[int], matched: int, total_blocks: int) -> Holding:
+        """Reference the ``matched`` leading cached blocks, take the rest fresh."""
         refs, evictable = self._refs, self._evictable
         for h in hashes[:matched]:
             if refs[h] == 0:

@@ -4,7 +4,10 @@
 the replicas (:mod:`capacity.sim.replica`) own their queues and steps, the router adapter
 (:mod:`capacity.sim.router`) the decisions, the autoscaler (:mod:`capacity.sim.autoscale`)
 the replica counts. Overheads from the profile: ``router_decision_s`` before each decision,
-``overheads["rpc_s"]`` (if present) for each hop router → decode → prefill.
+``overheads["rpc_s"]`` (if present) for each hop router → decode → prefill, a remote
+prefill's measured hand-off (``cost.handoff_s``) on top of its transfer, and, when its
+decode replica is mid-step as the KV lands, ``cost.busy_decode_handoff_s()`` more before
+the first token goes out.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Cluster:
             index_events=options.index_events,
         )
         self.rpc_s = self.cost.overhead_s("rpc_s")
+        self.busy_decode_delay_s = self.cost.busy_decode_handoff_s()
         self.decision_s = self.cost.router_decision_s()
         self.in_flight = 0
         self.gate: AdmissionQueue[Job] = AdmissionQueue(config.pool.max_queued)
@@ -73,6 +77,7 @@ class Cluster:
         self.ttft_samples: dict[str, list[tuple[float, float]]] = {}
         self.itl_samples: dict[str, list[tuple[float, float]]] = {}
         self.queue_samples: dict[str, list[tuple[float, float]]] = {}
+        self.misses = 0  # requests certainly missing options.miss_slo (stop early)
 
     # ---- replicas ------------------------------------------------------------------------
 
@@ -92,7 +97,8 @@ class Cluster:
         blocks = spec.engine.num_kv_blocks or max(
             1, self.profile.num_kv_blocks // self.options.block_stride
         )
-        itl_sink = self.itl.add_ramp if self.itl is not None else None
+        feed = self.itl is not None and self.options.itl_histogram
+        itl_sink = self.itl.add_ramp if feed else None  # type: ignore[union-attr]
         replica = EngineReplica(
             worker_id,
             role,
@@ -214,6 +220,8 @@ class Cluster:
             record.error = error
         else:
             record.refuse(None)
+        if self.options.miss_slo is not None:
+            self._missed(job)
         self._ended(job.req, False)
 
     def _decide(self, job: Job) -> None:
@@ -311,6 +319,7 @@ class Cluster:
         transfer = self.cost.transfer_s(self.cost.kv_bytes(req.prompt_tokens))
         if replica.spec.layer_wise:
             transfer = max(transfer - step_s, self.profile.transfer.latency_s)
+        transfer += self.cost.handoff_s(req.prompt_tokens)
         self.loop.at(self.loop.now + transfer, self._landed, job)
 
     def _landed(self, job: Job) -> None:
@@ -318,7 +327,14 @@ class Cluster:
         assert prefill is not None and decode is not None and job.decode_blocks is not None
         prefill.release_prefill(job)
         decode.blocks.commit(job.decode_blocks, job.req.block_hashes)
-        self._first_token(job, prefill)
+        if self.busy_decode_delay_s and not decode.idle:  # its loop is mid-step: it waits
+            self.loop.at(self.loop.now + self.busy_decode_delay_s, self._first_remote_token, job)
+        else:
+            self._first_token(job, prefill)
+
+    def _first_remote_token(self, job: Job) -> None:
+        assert job.prefill is not None
+        self._first_token(job, job.prefill)
 
     def _first_token(self, job: Job, computed_on: EngineReplica) -> None:
         now = self.loop.now
@@ -326,6 +342,11 @@ class Cluster:
         record = job.record
         record.add_chunk(now, 1)
         record.cached_tokens = job.cached
+        slo = self.options.miss_slo
+        if slo is not None and (now - record.sent_s) * 1e3 > slo.ttft_bound_ms(
+            record.prompt_tokens
+        ):
+            self._missed(job)  # its TTFT (the record's: first chunk - sent) is over the bound
         self.router.first_token(computed_on.worker_id, job.req.prompt_tokens)
         self._sample(self.ttft_samples, computed_on.worker_id, now - job.admitted_s)
         decode = job.decode
@@ -359,6 +380,9 @@ class Cluster:
         record.end_s = now
         record.output_tokens = job.req.output_tokens
         record.finish_reason = "length"
+        slo = self.options.miss_slo
+        if slo is not None and not job.missed and not slo.met_by(record):
+            self._missed(job)
         decode = job.decode
         assert decode is not None
         decode.assigned -= 1
@@ -386,6 +410,13 @@ class Cluster:
         ):
             self.remove_replica(prefill)
         self._ended(job.req, True)
+
+    def _missed(self, job: Job) -> None:
+        """``job`` misses the stop-early SLO whatever happens next; past the limit, stop."""
+        job.missed = True
+        self.misses += 1
+        if self.misses > self.options.miss_limit:
+            self.loop.stop()
 
     def _release_router_slot(self) -> None:
         nxt = self.gate.pop()

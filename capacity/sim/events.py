@@ -16,18 +16,23 @@ from typing import Any
 class EventLoop:
     """Discrete-event clock; ``now`` is the time of the event being run."""
 
-    __slots__ = ("_heap", "_seq", "events", "now")
+    __slots__ = ("_heap", "_seq", "events", "now", "stopped")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = 0
         self.now = 0.0
         self.events = 0  # events run so far
+        self.stopped = False  # stop() was called: run() returns after the current event
 
     def at(self, t: float, callback: Callable[[Any], None], arg: Any = None) -> None:
         """Run ``callback(arg)`` at time ``t`` (not before now)."""
         self._seq += 1
         heapq.heappush(self._heap, (t if t > self.now else self.now, self._seq, callback, arg))
+
+    def stop(self) -> None:
+        """End :meth:`run` after the event being run (the rest stay in the heap)."""
+        self.stopped = True
 
     def clock(self) -> float:
         """The simulated time (a clock for the router's prefix index)."""
@@ -41,6 +46,8 @@ class EventLoop:
             self.now = t
             self.events += 1
             callback(arg)
+            if self.stopped:
+                return
 
     def __len__(self) -> int:
         return len(self._heap)

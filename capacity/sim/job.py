@@ -41,6 +41,7 @@ class Job:
         "first_token_s",
         "join_step",
         "local",
+        "missed",
         "prefill",
         "prefill_blocks",
         "queued_s",
@@ -73,6 +74,7 @@ class Job:
         self.join_step = 0  # decode step index of its first decoded token
         self.finish_step = 0  # decode step index after its last token
         self.tokens = 1  # tokens sent so far
+        self.missed = False  # counted as missing the stop-early SLO (SimOptions.miss_slo)
 
     @property
     def context_at_finish(self) -> int:

@@ -8,12 +8,14 @@ has both. A step is either
   token budget ``max_num_batched_tokens`` less one token per running sequence, at most
   ``max_num_seqs`` sequences in all) plus
   one decode token for every running sequence; it costs
-  ``cost.mixed_step_s(chunk tokens, context they attend, batch, context)`` (both tables,
-  the per-step worker overhead once); or
+  ``cost.mixed_step_s(chunk tokens, context they attend, batch, context, local)`` (both
+  tables, the per-step worker overhead once; ``local`` unless this is a prefill replica); or
 - **a run** (no prefill work): ``m`` decode steps of a fixed batch, ``m`` = steps until
   the first sequence finishes, costed in closed form (:mod:`capacity.sim.steps`) and
   scheduled as one event. A join (a prefilled request arriving, a local prefill) cuts the
-  run after the step in progress, exactly where the real scheduler would add it.
+  run after the step in progress, exactly where the real scheduler would add it; a step
+  that joins a remotely prefilled request starts ``cost.first_decode_extra_s(...)`` late
+  (one figure for a join into a running batch, one for an idle replica).
 
 The running batch is tracked without per-sequence work per step: a global step counter,
 each sequence's ``finish_step`` in a heap, and the batch's total context (``+batch`` per
@@ -81,6 +83,8 @@ class EngineReplica:
             num_blocks, spec.engine.block_size, spec.engine.enable_prefix_caching
         )
         self.cost = cost
+        self._first_extra = cost.first_decode_extra_s(into_running_batch=False)
+        self._join_running_extra = cost.first_decode_extra_s(into_running_batch=True)
         self.steps = steps
         self.loop = loop
         self.sink = sink
@@ -92,6 +96,10 @@ class EngineReplica:
         self.max_seqs = spec.engine.max_num_seqs
         # queues
         self.waiting: deque[Job] = deque()  # prefill work, FIFO
+        # the scheduler's walk of ``waiting`` stops once nothing later can change (see
+        # _schedule_prefill): its jobs with blocks here, and its unstarted short prompts
+        self._started: list[Job] = []
+        self._short_waiting = 0
         self.joining: list[Job] = []  # prefilled, joining the batch at the next boundary
         self.running: list[tuple[int, int, Job]] = []  # heap of (finish_step, seq, job)
         self.num_running = 0
@@ -125,6 +133,10 @@ class EngineReplica:
     def submit_prefill(self, job: Job) -> None:
         """Queue a prompt to compute here (remote prefill, local, or colocated)."""
         self.waiting.append(job)
+        if job.scheduled:
+            self._started.append(job)
+        elif not self.policy.is_long(job.remaining):
+            self._short_waiting += 1
         self.queued_prefill_tokens += job.remaining
         self.touch()
         self._wake()
@@ -164,6 +176,7 @@ class EngineReplica:
 
     def _start(self, t: float) -> None:
         """Begin the next step at ``t`` (a boundary): joins first, then prefill or a run."""
+        already_running = self.num_running
         for job in self.joining:
             self._seq += 1
             job.join_step = self.steps_done
@@ -174,18 +187,24 @@ class EngineReplica:
         joined, self.joining = self.joining, []
         self._chunks = self._schedule_prefill() if self.waiting else []
         batch = self.num_running
+        # the first step of a remotely prefilled sequence pays its join (profile overhead)
+        extra = 0.0
+        if any(not job.local for job in joined):
+            extra = self._join_running_extra if already_running else self._first_extra
         if self._chunks:
             new = sum(n for _, n in self._chunks)
             attended = sum(job.computed for job, _ in self._chunks)
-            duration = self.cost.mixed_step_s(new, attended, batch, self.context)
+            local = self.role is not WorkerRole.PREFILL
+            duration = extra + self.cost.mixed_step_s(new, attended, batch, self.context, local)
             self._run = None
             self._step_s = duration
             first = duration
         elif batch:
             m = 1 if self.per_step else self.running[0][0] - self.steps_done
-            duration = self.steps.sum_s(batch, self.context, m)
-            self._run = (t, batch, self.context, m)
-            first = self.steps.step_s(batch, self.context)
+            duration = extra + self.steps.sum_s(batch, self.context, m)
+            self._run = (t + extra, batch, self.context, m)  # the run starts after the join
+            self.busy_s += extra
+            first = extra + self.steps.step_s(batch, self.context)
         else:
             self._busy = False
             self._run = None
@@ -205,36 +224,63 @@ class EngineReplica:
         :class:`engine.prefill_policy.PrefillPolicy` (engine/scheduler.py): FIFO, long
         prompts capped at the threshold and started one at a time; then the leftover
         budget tops the capped chunks up and admits what was passed over. Admission stops
-        at the first prompt whose blocks do not fit."""
+        at the first prompt whose blocks do not fit.
+
+        Each pass stops walking the queue once no job left in it can change the step: in
+        pass 1 no started job is left and every unstarted one would be passed over
+        (blocked, or long behind a long one: ``may_admit`` refuses exactly the long ones
+        then); in pass 2 no chunked job is left and none can be admitted. Same chunks as
+        walking to the end, without the walk over a long overloaded queue every step."""
         policy = self.policy
+        is_long, may_admit, first_chunk = policy.is_long, policy.may_admit, policy.first_chunk
+        waiting, started = self.waiting, self._started
         left = self.budget - self.num_running
         seqs = self.max_seqs - self.num_running
-        long_in_progress = any(j.scheduled and policy.is_long(j.remaining) for j in self.waiting)
+        long_in_progress = any(is_long(j.remaining) for j in started)
         chunks: dict[Job, int] = {}
         blocked = False
-        for job in self.waiting:  # pass 1
+        started_left, short_left = len(started), self._short_waiting
+        unstarted_left = len(waiting) - started_left
+        for job in waiting:  # pass 1
             if left <= 0 or seqs <= 0:
                 break
-            if not job.scheduled:
-                if blocked or not policy.may_admit(job.remaining, long_in_progress):
+            if not started_left and (
+                blocked or not unstarted_left or (long_in_progress and not short_left)
+            ):
+                break  # every job left would be passed over
+            if job.scheduled:
+                started_left -= 1
+            else:
+                unstarted_left -= 1
+                if not is_long(job.remaining):
+                    short_left -= 1
+                if blocked or not may_admit(job.remaining, long_in_progress):
                     continue
                 if not self._allocate(job):
                     blocked = True  # head-of-line: later prompts wait for blocks too
                     continue
-                long_in_progress = long_in_progress or policy.is_long(job.remaining)
-            n = policy.first_chunk(job.remaining, left)
+                long_in_progress = long_in_progress or is_long(job.remaining)
+            n = first_chunk(job.remaining, left)
             if n > 0:
                 chunks[job] = n
                 left -= n
                 seqs -= 1
-        for job in self.waiting:  # pass 2: top up, then admit uncapped
+        chunked_left = len(chunks)
+        unstarted_left = len(waiting) - len(started)
+        for job in waiting:  # pass 2: top up, then admit uncapped
             if left <= 0:
                 break
+            if not chunked_left and (blocked or seqs <= 0 or not unstarted_left):
+                break  # nothing left to top up or admit
             if job in chunks:
+                chunked_left -= 1
                 more = min(job.remaining - chunks[job], left)
                 chunks[job] += more
                 left -= more
-            elif not blocked and seqs > 0 and not job.scheduled:
+            elif not job.scheduled:
+                unstarted_left -= 1
+                if blocked or seqs <= 0:
+                    continue
                 if not self._allocate(job):
                     blocked = True
                     continue
@@ -250,9 +296,12 @@ class EngineReplica:
         local = job.prefill is None
         tokens = req.prompt_tokens + (req.output_tokens if local else 0)
         total = pool.blocks_for(tokens)
-        if not pool.can_allocate(req.block_hashes, req.prompt_tokens, total):
+        holding = pool.try_allocate(req.block_hashes, req.prompt_tokens, total)
+        if holding is None:
             return False
-        holding = pool.allocate(req.block_hashes, req.prompt_tokens, total)
+        if not self.policy.is_long(job.remaining):
+            self._short_waiting -= 1
+        self._started.append(job)
         cached = len(holding.cached) * pool.block_size
         job.cached = job.computed = cached
         job.remaining = req.prompt_tokens - cached
@@ -299,6 +348,7 @@ class EngineReplica:
             for job, _ in self._chunks:
                 if job.remaining == 0:
                     self.waiting.remove(job)
+                    self._started.remove(job)
                     self.sink.prefilled(self, job, self._step_s)
             self._chunks = []
         self._retire()

@@ -49,9 +49,19 @@ class ItlHistogram:
         k = min(count, _RAMP_POINTS)
         each = weight * count / k
         step = (last - first) / k
+        # _add's arithmetic, in the same order, with the state in locals (a hot loop)
+        bins, get, log = self.bins, self.bins.get, math.log
+        total, weighted, top = self.total, self.weighted_sum, self.max_s
         for i in range(k):
-            self._add(first + step * (i + 0.5), each)
-        self.max_s = max(self.max_s, last)
+            gap_s = first + step * (i + 0.5)
+            key = int(log(max(gap_s, _MIN_S) / _MIN_S) / _LOG_RATIO)
+            bins[key] = get(key, 0.0) + each
+            total += each
+            weighted += gap_s * each
+            if gap_s > top:
+                top = gap_s
+        self.total, self.weighted_sum = total, weighted
+        self.max_s = max(top, last)
 
     def _add(self, gap_s: float, weight: float) -> None:
         key = int(math.log(max(gap_s, _MIN_S) / _MIN_S) / _LOG_RATIO)
@@ -111,6 +121,7 @@ class SimResult:
     profile: str = ""  # "<hardware> / <model> / <dtype>"
     hit_oracle: tuple[int, int] = (0, 0)  # (cached tokens, prompt tokens) of the oracle
     unsent: int = 0  # turns never sent (an earlier turn failed, or past max_start_s)
+    stopped_s: float | None = None  # stopped early here (SimOptions.miss_limit); None: ran out
 
     @property
     def token_times(self) -> str:
@@ -159,6 +170,7 @@ class SimResult:
                 "wall_s": round(self.wall_s, 3),
                 "events_per_s": round(self.events_per_s),
                 "token_times": self.token_times,
+                "stopped_s": self.stopped_s,
                 "replica_timeline": [list(row) for row in self.replica_timeline],
                 "utilisation": {
                     role: {**asdict(use), "utilisation": use.utilisation}

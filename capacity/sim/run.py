@@ -44,13 +44,15 @@ def simulate(
     for record in cluster.records:
         if not record.end_s and not record.refused:
             record.error, record.end_s = "CANCELLED", cluster.loop.now
-    end = max(end, cluster.loop.now if options.until_s != float("inf") else end)
+    cut = options.until_s != float("inf") or cluster.loop.stopped
+    end = max(end, cluster.loop.now if cut else end)
     autoscaler.account(end)
     first = ordered[0].arrival_s if ordered else 0.0
     block_size = _block_size(config)
     return SimResult(
         records=cluster.records,
         unsent=cluster.unsent,
+        stopped_s=cluster.loop.now if cluster.loop.stopped else None,
         replica_timeline=cluster.timeline,
         events=cluster.loop.events,
         wall_s=time.perf_counter() - started,

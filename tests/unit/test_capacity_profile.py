@@ -116,33 +116,78 @@ def test_roofline_regimes() -> None:
     assert any("nvidia.com" in s for s in profile.sources)
 
 
-def test_e2e_overheads_from_records_and_cost_model_charges_them() -> None:
-    """What the e2e run keeps is what the tables do not explain; the cost model then adds
-    it per step (and the raw tables are used for the subtraction, never the padded ones)."""
+def _probe_records(cost: CostModel, hops: int, excess, gaps=(0.03, 0.03, 0.03)) -> dict:
+    """Records of the three probes whose TTFT is the tables + router + hops x rpc + excess."""
+    fixed = cost.router_decision_s() + hops * cost.overhead_s("rpc_s")
+    probes = {"short": (16, 0), "long": (32, 0), "cached": (32, 16)}
+    out = {}
+    for name, (prompt, cached) in probes.items():
+        new = prompt - cached
+        ttft = cost.prefill_s(new, cached) + fixed + excess(new, prompt)
+        itls = [cost.decode_step_s(1, prompt + k + 1) + g for k, g in enumerate(gaps)]
+        record = {"ttft_s": ttft, "itls_s": itls, "prompt_tokens": prompt, "cached_tokens": cached}
+        out[name] = [record, dict(record)]
+    return out
+
+
+def test_e2e_overheads_fit_the_probes_and_the_cost_model_charges_them() -> None:
+    """The fit recovers a known excess (remote: fixed + per new token + per shipped token;
+    local: fixed + per new token), from the raw tables (idempotent), and the cost model
+    charges each where the module says."""
     from dataclasses import replace
 
     from capacity.measure_e2e import overheads_from_records
 
     profile = _profile(overheads={"rpc_s": 0.001})
     cost = CostModel(profile)
-    prefill = cost.prefill_s(8, 0)  # 1.0 s: below the grid, its first value
-    fixed = cost.router_decision_s() + 2 * 0.001
-    records = [
-        {"ttft_s": prefill + fixed + 0.25, "itls_s": [0.1 + 0.03] * 3, "prompt_tokens": 8},
-        {"ttft_s": prefill + fixed + 0.35, "itls_s": [0.1 + 0.05], "prompt_tokens": 8},
-    ]
-    out = overheads_from_records(profile, records)
-    assert out["prefill_step_overhead_s"] == pytest.approx(0.30)
-    assert out["decode_step_overhead_s"] == pytest.approx(0.03)  # decode(1, < 16 ctx) = 0.1
-    assert out["e2e_ttft_s"] == pytest.approx(prefill + fixed + 0.30)
+    remote = _probe_records(cost, 2, lambda n, p: 0.2 + 0.01 * n + 0.005 * p, (0.08, 0.03, 0.03))
+    local = _probe_records(cost, 1, lambda n, p: 0.1 + 0.02 * n)
+    cached = remote["cached"][0]  # the cached probe again, beside a busy decode worker
+    join = cost.decode_step_s(2, 64) + 0.03 + 0.07
+    remote["contended"] = [{**cached, "ttft_s": cached["ttft_s"] + 0.04, "itls_s": [join]}]
+    out = overheads_from_records(profile, remote, local)
+    expected = {
+        "prefill_step_overhead_s": 0.2,
+        "prefill_token_overhead_s": 0.01,
+        "handoff_token_overhead_s": 0.005,
+        "local_prefill_step_overhead_s": 0.1,
+        "local_prefill_token_overhead_s": 0.02,
+        "decode_step_overhead_s": 0.03,
+        "first_decode_step_overhead_s": 0.05,  # the first gap's 0.08, less the 0.03 of all
+        "busy_decode_handoff_s": 0.04,
+        "join_running_batch_overhead_s": 0.07,  # beyond a charged decode(2, ...) step
+    }
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, abs=1e-9), key
     padded = replace(profile, overheads={**profile.overheads, **out})
-    assert overheads_from_records(padded, records) == out  # idempotent
+    assert overheads_from_records(padded, remote, local) == out  # idempotent
     charged = CostModel(padded)
-    assert charged.prefill_s(8, 0) == pytest.approx(prefill + 0.30)
+    table = cost.prefill_s(16, 0)
+    assert charged.prefill_s(16, 0) == pytest.approx(table + 0.2 + 0.16)
+    assert charged.prefill_s(16, 0, local=True) == pytest.approx(table + 0.1 + 0.32)
+    assert charged.handoff_s(32) == pytest.approx(0.16)
+    assert charged.first_decode_extra_s() == pytest.approx(0.05)
+    assert charged.first_decode_extra_s(into_running_batch=True) == pytest.approx(0.07)
+    assert charged.busy_decode_handoff_s() == pytest.approx(0.04)
     assert charged.decode_step_s(1, 16) == pytest.approx(0.1 + 0.03)
     assert charged.prefill_s(0, 0) == 0.0 and charged.decode_step_s(0, 0) == 0.0
-    fast = overheads_from_records(profile, [{"ttft_s": 0.5, "itls_s": [], "prompt_tokens": 16}])
-    assert fast == {"prefill_step_overhead_s": 0.0, "e2e_ttft_s": 0.5}  # clamped, no gaps
+
+
+def test_e2e_fit_drops_a_negative_term_and_clamps() -> None:
+    """An excess that falls with the prompt length has no per-token hand-off: that term is
+    dropped and the rest refitted; an excess below zero everywhere clamps to nothing."""
+    from capacity.measure_e2e import ProbePoint, fit_excess, overheads_from_records
+
+    points = [ProbePoint(16, 16, 0.30), ProbePoint(32, 32, 0.28), ProbePoint(16, 32, 0.29)]
+    fixed, per_new, per_prompt = fit_excess(points, shipped=True)
+    assert per_prompt == 0.0 and per_new == 0.0 and fixed == pytest.approx(0.29)
+    profile = _profile()
+    cost = CostModel(profile)
+    remote = _probe_records(cost, 2, lambda n, p: -0.5, gaps=())
+    out = overheads_from_records(profile, remote)
+    assert out["prefill_step_overhead_s"] == 0.0 and out["handoff_token_overhead_s"] == 0.0
+    assert "decode_step_overhead_s" not in out and "local_prefill_step_overhead_s" not in out
+    assert CostModel(profile).handoff_s(100) == 0.0  # absent: the engine alone
 
 
 def test_a_mixed_step_pays_the_worker_overhead_once() -> None:
@@ -153,3 +198,7 @@ def test_a_mixed_step_pays_the_worker_overhead_once() -> None:
     assert cost.mixed_step_s(16, 0, 1, 16) == pytest.approx(1.0 + 0.1 + 0.3)
     assert cost.mixed_step_s(16, 0, 0, 0) == pytest.approx(prefill)  # nothing decoding
     assert cost.mixed_step_s(0, 0, 1, 16) == pytest.approx(decode)  # nothing to prefill
+    local = {**extras, "local_prefill_step_overhead_s": 0.1, "local_prefill_token_overhead_s": 0.01}
+    split = CostModel(_profile(overheads=local))  # local prefill: its own pair, fixed once
+    assert split.mixed_step_s(16, 0, 1, 16) == pytest.approx(1.0 + 0.1 + 0.16 + 0.1)
+    assert split.mixed_step_s(16, 0, 0, 0, local=False) == pytest.approx(1.0 + 0.3)

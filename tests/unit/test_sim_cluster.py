@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from capacity.sim import SimRequest, sim_config_from_serve, simulate
 from capacity.trace import synthesize_chain
 from common.worker_info import WorkerRole
@@ -112,3 +114,51 @@ def test_a_prompt_no_cache_can_hold_is_refused_and_the_run_ends() -> None:
     result = simulate(config, profile(), requests)
     records = {r.session_id: r for r in result.records}
     assert records["huge"].refused and records["ok"].ok
+
+
+def test_measured_overheads_are_charged_where_the_cost_model_says() -> None:
+    """A remote prefill pays the hand-off per prompt token before its first token and the
+    join on its first decode step; a local (conditional) prefill pays the local pair, not
+    the remote one; later decode steps pay neither."""
+    conditional = {"enabled": True, "local_max_uncached_tokens": 256}
+    requests = [SimRequest("long", 0.0, 600, 4, ()), SimRequest("short", 5.0, 100, 4, ())]
+    extras = {
+        "rpc_s": 0.0005,
+        "prefill_step_overhead_s": 0.04,
+        "local_prefill_step_overhead_s": 0.01,
+        "handoff_token_overhead_s": 1e-4,
+        "first_decode_step_overhead_s": 0.05,
+    }
+
+    def run(overheads: dict) -> dict:
+        result = simulate(
+            disagg(1, 1, conditional=conditional), profile(overheads=overheads), requests
+        )
+        return {r.session_id: r for r in result.records}
+
+    base, charged = run({"rpc_s": 0.0005}), run(extras)
+    assert "->" in base["long"].route and "->" not in base["short"].route
+    assert charged["long"].ttft_s - base["long"].ttft_s == pytest.approx(0.04 + 600 * 1e-4)
+    assert charged["short"].ttft_s - base["short"].ttft_s == pytest.approx(0.01)
+    long_gaps = [c - b for c, b in zip(charged["long"].itls_s, base["long"].itls_s, strict=True)]
+    assert long_gaps[0] == pytest.approx(0.05) and long_gaps[1:] == pytest.approx([0.0, 0.0])
+    assert charged["short"].itls_s == pytest.approx(base["short"].itls_s)  # local: no join
+
+
+def test_a_remote_request_landing_on_a_busy_decode_replica_waits_and_joins_late() -> None:
+    """With the busy-decode overheads, a request whose KV lands while the decode replica is
+    mid-run gets its first token that much later and the step it joins at pays the join into
+    the running batch; one landing on an idle replica pays neither."""
+    requests = [SimRequest("first", 0.0, 600, 200, ()), SimRequest("second", 3.0, 600, 4, ())]
+
+    def run(overheads: dict) -> dict:
+        result = simulate(disagg(1, 1), profile(overheads={"rpc_s": 0.0005, **overheads}), requests)
+        return {r.session_id: r for r in result.records}
+
+    base = run({})
+    busy = run({"busy_decode_handoff_s": 0.03, "join_running_batch_overhead_s": 0.02})
+    assert busy["first"].ttft_s == pytest.approx(base["first"].ttft_s)  # landed on idle
+    assert busy["first"].itls_s[:5] == pytest.approx(base["first"].itls_s[:5])
+    assert busy["second"].ttft_s - base["second"].ttft_s == pytest.approx(0.03)
+    # the step that joins "second" into the running batch starts 0.02 late: "first" ends later
+    assert busy["first"].end_s - base["first"].end_s == pytest.approx(0.02, abs=1e-4)
