@@ -13,7 +13,9 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
+from dataclasses import replace
 from typing import Any
 
 DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -101,4 +103,7 @@ def _refreshed(args: argparse.Namespace) -> Any:
     from capacity.profile import Profile
 
     profile = Profile.load(args.overheads_only)
-    return with_e2e_overheads(profile, args.model, args.quick)
+    fresh = with_e2e_overheads(profile, args.model, args.quick)
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    note = f"overheads re-measured by `pdserve profile --overheads-only` at {when}"
+    return replace(fresh, notes=f"{profile.notes}; {note}" if profile.notes else note)

@@ -7,7 +7,7 @@ the replica counts. Overheads from the profile: ``router_decision_s`` before eac
 ``overheads["rpc_s"]`` (if present) for each hop router → decode → prefill, a remote
 prefill's measured hand-off (``cost.handoff_s``) on top of its transfer, and, when its
 decode replica is mid-step as the KV lands, ``cost.busy_decode_handoff_s()`` more before
-the first token goes out.
+the first token goes out (the sequence still joins the batch at the next step boundary).
 """
 
 from __future__ import annotations
@@ -327,17 +327,19 @@ class Cluster:
         assert prefill is not None and decode is not None and job.decode_blocks is not None
         prefill.release_prefill(job)
         decode.blocks.commit(job.decode_blocks, job.req.block_hashes)
-        if self.busy_decode_delay_s and not decode.idle:  # its loop is mid-step: it waits
-            self.loop.at(self.loop.now + self.busy_decode_delay_s, self._first_remote_token, job)
+        if self.busy_decode_delay_s and not decode.idle:
+            # The decode replica is mid-step: the sequence joins at its next boundary as
+            # usual, but the worker's loop sends the first token late. Capped at the
+            # shortest decode step, so it never goes out after the second token.
+            delay = min(self.busy_decode_delay_s, self.cost.decode_step_s(1, 0))
+            self._first_token(job, prefill, self.loop.now + delay)
         else:
             self._first_token(job, prefill)
 
-    def _first_remote_token(self, job: Job) -> None:
-        assert job.prefill is not None
-        self._first_token(job, job.prefill)
-
-    def _first_token(self, job: Job, computed_on: EngineReplica) -> None:
-        now = self.loop.now
+    def _first_token(self, job: Job, computed_on: EngineReplica, at: float | None = None) -> None:
+        """The first token is out (recorded at ``at``, default now); the request joins its
+        decode replica's batch now, or ends if that was its only token."""
+        now = self.loop.now if at is None else at
         job.first_token_s = now
         record = job.record
         record.add_chunk(now, 1)

@@ -147,8 +147,9 @@ def test_measured_overheads_are_charged_where_the_cost_model_says() -> None:
 
 def test_a_remote_request_landing_on_a_busy_decode_replica_waits_and_joins_late() -> None:
     """With the busy-decode overheads, a request whose KV lands while the decode replica is
-    mid-run gets its first token that much later and the step it joins at pays the join into
-    the running batch; one landing on an idle replica pays neither."""
+    mid-run gets its first token that much later (yet joins the batch at the next boundary
+    as before) and the step it joins at pays the join into the running batch; one landing
+    on an idle replica pays neither."""
     requests = [SimRequest("first", 0.0, 600, 200, ()), SimRequest("second", 3.0, 600, 4, ())]
 
     def run(overheads: dict) -> dict:
@@ -156,9 +157,17 @@ def test_a_remote_request_landing_on_a_busy_decode_replica_waits_and_joins_late(
         return {r.session_id: r for r in result.records}
 
     base = run({})
-    busy = run({"busy_decode_handoff_s": 0.03, "join_running_batch_overhead_s": 0.02})
+    busy = run({"busy_decode_handoff_s": 0.015, "join_running_batch_overhead_s": 0.02})
     assert busy["first"].ttft_s == pytest.approx(base["first"].ttft_s)  # landed on idle
     assert busy["first"].itls_s[:5] == pytest.approx(base["first"].itls_s[:5])
-    assert busy["second"].ttft_s - base["second"].ttft_s == pytest.approx(0.03)
+    assert busy["second"].ttft_s - base["second"].ttft_s == pytest.approx(0.015)
+    # it joined at the same boundary: its second token is no later than the join costs
+    second_token = busy["second"].ttft_s + busy["second"].itls_s[0]
+    base_second = base["second"].ttft_s + base["second"].itls_s[0]
+    assert second_token - base_second == pytest.approx(0.02, abs=1e-4)
+    # a delay past the shortest decode step (0.02 s here) is capped there: tokens stay in order
+    capped = run({"busy_decode_handoff_s": 0.5})
+    assert capped["second"].ttft_s - base["second"].ttft_s == pytest.approx(0.02)
+    assert all(gap > 0 for gap in capped["second"].itls_s)
     # the step that joins "second" into the running batch starts 0.02 late: "first" ends later
     assert busy["first"].end_s - base["first"].end_s == pytest.approx(0.02, abs=1e-4)
