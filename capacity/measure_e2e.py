@@ -228,12 +228,17 @@ def probe_points(cost: CostModel, probes: Records, hops: int) -> list[ProbePoint
             continue
         rows = []
         for r in records:
-            prompt = r.get("prompt_tokens") or 1
-            cached = min(r.get("cached_tokens") or 0, prompt - 1)
+            prompt, cached = _prompt_and_cached(r)
             new = prompt - cached
             rows.append((new, prompt, r["ttft_s"] - cost.prefill_s(new, cached) - fixed))
         points.append(ProbePoint(*(statistics.median(col) for col in zip(*rows, strict=True))))
     return points
+
+
+def _prompt_and_cached(record: dict[str, Any]) -> tuple[int, int]:
+    """A record's prompt tokens and its cached ones (at least one token is computed)."""
+    prompt = record.get("prompt_tokens") or 1
+    return prompt, min(record.get("cached_tokens") or 0, prompt - 1)
 
 
 def fit_excess(points: list[ProbePoint], shipped: bool) -> tuple[float, float, float]:
@@ -287,8 +292,7 @@ def busy_decode_overheads(cost: CostModel, records: list[dict[str, Any]]) -> dic
     fixed = cost.router_decision_s() + 2 * cost.overhead_s("rpc_s")
     added, joins = [], []
     for r in records:
-        prompt = r.get("prompt_tokens") or 1
-        cached = min(r.get("cached_tokens") or 0, prompt - 1)
+        prompt, cached = _prompt_and_cached(r)
         predicted = cost.prefill_s(prompt - cached, cached) + cost.handoff_s(prompt) + fixed
         added.append(r["ttft_s"] - predicted)
         if r.get("itls_s"):
